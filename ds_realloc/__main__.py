@@ -1,0 +1,3 @@
+from ds_realloc.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""Supervised fine-tuning: token-level cross-entropy on answer tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_realloc.algorithms.functional import sft_loss, token_logprobs
+from ds_realloc.algorithms.interface import (Batch, Metrics, add_metric, micro_slices, to_device,
+                                              train_micro_batches)
+from ds_realloc.data.datasets import pad_sequences
+
+
+@dataclass(frozen=True)
+class SFTInterface:
+    """Trains a language model on `batch["seq"]` (TokenizedSequence with answer masks)."""
+
+    micro_batch_size: int
+    pad_id: int
+
+    def _forward(self, model, seqs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = to_device(pad_sequences(seqs, self.pad_id), model.device)
+        return model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t
+
+    def train_step(self, engine, batch: Batch) -> Metrics:
+        def loss_of(rows: slice, metrics: Metrics):
+            logits, t = self._forward(engine, batch["seq"][rows])
+            loss = sft_loss(logits, t["input_ids"], t["loss_mask"])
+            add_metric(metrics, "loss", loss.item(), 1)
+            return loss, float(t["attention_mask"].sum())
+
+        return train_micro_batches(engine, len(batch["seq"]), self.micro_batch_size, loss_of)
+
+    @torch.no_grad()
+    def evaluate(self, model, batch: Batch) -> Metrics:
+        """Exact token-mean loss over the answer tokens of the valid rows."""
+        metrics: Metrics = {}
+        for rows in micro_slices(len(batch["seq"]), self.micro_batch_size):
+            logits, t = self._forward(model, batch["seq"][rows])
+            valid = torch.tensor(batch["valid"][rows], device=logits.device).unsqueeze(1)
+            mask = t["loss_mask"][:, 1:] * valid
+            nll = -(token_logprobs(logits, t["input_ids"]) * mask).sum()
+            add_metric(metrics, "loss", nll.item(), float(mask.sum()))
+        return metrics

@@ -1,0 +1,146 @@
+"""`ds-realloc <command>`: training commands and tools.
+
+    ds-realloc sft [CONFIG.yaml] [key=value ...] [--resume] [--deepspeed_config FILE] [--help]
+
+A training command run directly (not under deepspeed / torchrun / accelerate / mpirun / srun)
+checks its config, prepares the models, then starts `launch.nprocs` processes itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Sequence
+
+from ds_realloc.utils.errors import UserError
+
+USAGE = """usage: ds-realloc <command> [CONFIG.yaml] [key=value ...] [--resume] [--deepspeed_config FILE]
+
+training commands (run with no arguments on the embedded default model and task):
+{commands}
+tools:
+  prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
+
+`ds-realloc <command> --help` lists every config field with its type, default and meaning."""
+
+
+def _training_commands():
+    from ds_realloc.dataflow.experiments import EXPERIMENTS
+
+    return EXPERIMENTS
+
+
+def parse_run_args(config_cls: type, args: Sequence[str]):
+    """A config from `[CONFIG.yaml] [key=value ...]` plus the flags --resume and --deepspeed_config."""
+    from ds_realloc.utils.config import load_config
+
+    yaml_path, overrides = None, []
+    args = list(args)
+    while args:
+        arg = args.pop(0)
+        if arg == "--resume":
+            overrides.append("output.resume=true")
+        elif arg == "--deepspeed_config" or arg.startswith("--deepspeed_config="):
+            value = arg.partition("=")[2] or (args.pop(0) if args else "")
+            overrides.append(f"engine.deepspeed_config={value}")
+        elif "=" in arg:
+            overrides.append(arg)
+        elif arg.endswith((".yaml", ".yml")) and yaml_path is None:
+            yaml_path = arg
+        else:
+            raise UserError(f"unexpected argument '{arg}': expected CONFIG.yaml, key=value, --resume or "
+                            "--deepspeed_config FILE")
+    return load_config(config_cls, yaml_path, overrides)
+
+
+def launch_workers(nprocs: int, argv: Sequence[str]) -> int:
+    """Start `nprocs` ranks of `ds-realloc <argv>` on this machine with torchrun; when one fails,
+    torchrun stops the others, so the job ends instead of hanging. Returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    args = get_args_parser().parse_args(["--standalone", "--nnodes=1", f"--nproc_per_node={nprocs}",
+                                         "--module", "ds_realloc", *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"ds-realloc {argv[0]}: rank {rank} failed with exit code {failure.exitcode}; "
+              f"the job was stopped (the rank's message is above)", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def _run_training(command: str, args: Sequence[str]) -> int:
+    from ds_realloc.utils.config import format_help
+    from ds_realloc.utils.dist import under_launcher
+
+    experiment = _training_commands()[command]
+    if "--help" in args or "-h" in args:
+        print(f"ds-realloc {command}: {experiment.summary}\n\n"
+              f"usage: ds-realloc {command} [CONFIG.yaml] [key=value ...] [--resume] [--deepspeed_config FILE]\n\n"
+              f"config fields:\n{format_help(experiment.config_cls)}")
+        return 0
+    cfg = parse_run_args(experiment.config_cls, args)
+    if under_launcher():
+        from ds_realloc.dataflow.runner import run_experiment
+
+        run_experiment(experiment, cfg)
+        return 0
+    from ds_realloc.dataflow.config import check_world_fit
+    from ds_realloc.models.presets import resolve_model_path
+
+    nprocs = cfg.launch.resolved_nprocs()
+    check_world_fit(cfg.train, nprocs)
+    for spec in experiment.roles(cfg):
+        resolve_model_path(spec.path, spec.path_field)  # fail fast, and build presets once for all ranks
+    return launch_workers(nprocs, [command, *args])
+
+
+def _prepare_model(args: Sequence[str]) -> int:
+    from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
+
+    print(resolve_model_path(args[0] if args else EMBEDDED_DEFAULT, field="prepare-model"))
+    return 0
+
+
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local_rank N`, which the deepspeed launcher inserts (LOCAL_RANK is in the env)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            kept.append(arg)
+    return kept
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = _without_local_rank(list(sys.argv[1:] if argv is None else argv))
+    # DeepSpeed calls collectives that torch >= 2.13 renamed; the warnings are not ours to act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    commands = _training_commands()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        listing = "\n".join(f"  {name:<27} {e.summary}" for name, e in commands.items())
+        print(USAGE.format(commands=listing))
+        sys.exit(0 if argv else 2)
+    command, args = argv[0], argv[1:]
+    try:
+        if command in commands:
+            code = _run_training(command, args)
+        elif command == "prepare-model":
+            code = _prepare_model(args)
+        else:
+            raise UserError(f"unknown command '{command}'; commands: {', '.join([*commands, 'prepare-model'])}")
+    except UserError as e:
+        from ds_realloc.utils.logging import env_rank
+
+        prefix = f"[rank {env_rank()}] " if "RANK" in os.environ else ""
+        sys.stderr.write(f"{prefix}ds-realloc {command}: error: {e}\n")  # one write: ranks do not interleave
+        sys.stderr.flush()
+        sys.exit(2)
+    sys.exit(code)

@@ -1,0 +1,102 @@
+"""The config tree every training command shares; commands add their own groups (e.g. `dpo`, `ref`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_realloc.engine.config import EngineConfig, OptimConfig
+from ds_realloc.models.presets import EMBEDDED_DEFAULT
+from ds_realloc.utils.config import invalid, option
+from ds_realloc.utils.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: str = option(EMBEDDED_DEFAULT, "an HF model folder, or a preset: smollm2-135m-instruct, tiny-llama, "
+                                         "tiny-qwen2, tiny-mistral, tiny-gpt2")
+
+
+@dataclass
+class DataConfig:
+    train: str = option("builtin:arith", "training data: a JSONL file or builtin:<task> (its training split)")
+    eval: str = option("builtin:arith", "held-out data: a JSONL file, builtin:<task> (its held-out split), "
+                                        "or '' for none")
+    max_seq_len: int = option(512, "longest sample in tokens (prompt + answer); longer ones are errors")
+    chat_template: bool = option(True, "format prompts with the tokenizer's chat template")
+    skip_bad_samples: bool = option(False, "skip malformed, incomplete or over-long records (counted and logged) "
+                                           "instead of stopping")
+
+    def validate(self) -> None:
+        if self.max_seq_len < 2:
+            raise invalid("max_seq_len", f"must be at least 2, got {self.max_seq_len}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = option(16, "samples (sequences, or pairs for rm/dpo) per optimizer step, over all ranks")
+    micro_batch_size: int = option(4, "samples per rank per forward pass; batch_size / (micro_batch_size x "
+                                      "data-parallel ranks) is the number of gradient-accumulation steps")
+    epochs: int = option(1, "passes over the training data (when max_steps is 0)")
+    max_steps: int = option(0, "optimizer steps to run; 0 = epochs x steps per epoch")
+    eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
+    save_every: int = option(0, "write a resumable DeepSpeed checkpoint every N steps (0 = only at the end)")
+    seed: int = option(1, "seed of the data order and of sampling")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise invalid(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise invalid(name, f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("", "the run folder (metrics.jsonl, tensorboard/, checkpoints/, hf/); default runs/<command>")
+    save_hf: bool = option(True, "write an HF checkpoint folder of every trained model at the end")
+    resume: bool = option(False, "continue the run in output.dir from its latest DeepSpeed checkpoint (--resume)")
+
+
+@dataclass
+class LaunchConfig:
+    nprocs: int = option(0, "processes to start when the command is not run under a launcher "
+                            "(0 = one per GPU, or 2 on a CPU-only machine)")
+    dist_timeout_s: float = option(600.0, "seconds a rank waits in a collective before the job fails")
+
+    def resolved_nprocs(self) -> int:
+        if self.nprocs:
+            return self.nprocs
+        return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+    def validate(self) -> None:
+        if self.nprocs < 0:
+            raise invalid("nprocs", f"must be >= 0, got {self.nprocs}")
+        if self.dist_timeout_s <= 0:
+            raise invalid("dist_timeout_s", f"must be positive, got {self.dist_timeout_s}")
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by every training command."""
+
+    model: ModelConfig = option(ModelConfig(), "the trained model")
+    data: DataConfig = option(DataConfig(), "datasets")
+    engine: EngineConfig = option(EngineConfig(), "DeepSpeed ZeRO settings")
+    optim: OptimConfig = option(OptimConfig(), "optimizer and learning-rate schedule")
+    train: TrainConfig = option(TrainConfig(), "batching and schedule")
+    output: OutputConfig = option(OutputConfig(), "where results go")
+    launch: LaunchConfig = option(LaunchConfig(), "process launch")
+
+
+def check_world_fit(train: TrainConfig, world_size: int) -> int:
+    """Gradient-accumulation steps for this world size, or a ConfigError naming the fields that clash."""
+    per_step = train.micro_batch_size * world_size
+    if train.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} is not divisible by train.micro_batch_size="
+            f"{train.micro_batch_size} x {world_size} data-parallel ranks (world size); "
+            f"use a batch size that is a multiple of {per_step} or change the number of processes")
+    return train.batch_size // per_step

@@ -1,0 +1,77 @@
+"""DeepSpeed engines per model role: trained models (ZeRO 0-3, offload) and frozen ones
+(reference / reward) that keep their weights on CPU while idle."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds_realloc.engine.ds_config import torch_dtype, zero_stage
+from ds_realloc.engine.loading import instantiate
+from ds_realloc.models.registry import Head
+from ds_realloc.models.value_head import hf_model_of
+from ds_realloc.utils.dist import comm_device
+
+
+def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule: Callable | None = None,
+                       gradient_checkpointing: bool = False, pad_token_id: int | None = None,
+                       dp_group: dist.ProcessGroup | None = None):
+    """A DeepSpeed training engine for the model in `model_dir`, built from a final DeepSpeed config;
+    `lr_schedule(optimizer)` makes the LR scheduler unless the config names its own "scheduler"."""
+    zero3 = ds_config if zero_stage(ds_config) == 3 else None
+    module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, dp_group)
+    if gradient_checkpointing:
+        hf_model_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                      config=ds_config,
+                                      lr_scheduler=None if "scheduler" in ds_config else lr_schedule)
+    return engine
+
+
+class FrozenModel:
+    """A no-grad model. Under ZeRO-3 it is a DeepSpeed engine without optimizer whose partitions may
+    live on CPU (`offload_param`); otherwise a replica moved to the device only while `resident()`."""
+
+    def __init__(self, module: nn.Module, ds_config: dict, offload: bool):
+        module.requires_grad_(False)
+        self.zero3 = zero_stage(ds_config) == 3
+        self.offload = offload and not self.zero3
+        self.device = comm_device()
+        if self.zero3:
+            self._engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+            self.module = self._engine.module
+        else:
+            self._engine = None
+            self.module = module.to(torch_dtype(ds_config)).to("cpu" if self.offload else self.device)
+        self.module.eval()
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator["FrozenModel"]:
+        """The weights on the device for the duration of an MFC; back on CPU afterwards if offloaded."""
+        if self.offload:
+            self.module.to(self.device)
+        try:
+            yield self
+        finally:
+            if self.offload:
+                self.module.to("cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        return (self._engine or self.module)(**inputs)
+
+
+def build_frozen_model(model_dir: Path, head: Head, ds_config: dict, offload: bool,
+                       pad_token_id: int | None = None, dp_group: dist.ProcessGroup | None = None) -> FrozenModel:
+    """A frozen model (reference, reward) for the model in `model_dir`."""
+    zero3 = ds_config if zero_stage(ds_config) == 3 else None
+    module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, dp_group)
+    return FrozenModel(module, ds_config, offload)

@@ -1,0 +1,141 @@
+"""Reading and writing HF checkpoint folders tensor by tensor.
+
+`CheckpointReader.read_flat(name, start, end)` reads one flat range of one tensor (e.g. a ZeRO-3
+partition) from safetensors through memory-mapped row slices, never the whole file.
+`ShardedWriter` writes `model.safetensors` or `model-0000i-of-0000n.safetensors` plus the index,
+holding at most one shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ds_realloc.utils.errors import ModelError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+class CheckpointReader:
+    """Tensors of an HF folder (safetensors, or legacy .bin via mmap) addressed by name."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self._files: dict[str, str] = {}  # tensor name -> file name
+        self._handles: dict[str, object] = {}
+        for index_name, single_name in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+            index, single = self.model_dir / index_name, self.model_dir / single_name
+            if index.is_file():
+                self._files = dict(json.loads(index.read_text())["weight_map"])
+                break
+            if single.is_file():
+                self._files = {name: single_name for name in self._open(single_name).keys()}
+                break
+        if not self._files:
+            raise ModelError(f"{self.model_dir} has no model weights ({SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE})")
+
+    def _open(self, file_name: str):
+        if file_name not in self._handles:
+            path = self.model_dir / file_name
+            if file_name.endswith(".safetensors"):
+                self._handles[file_name] = safe_open(str(path), framework="pt")
+            else:
+                self._handles[file_name] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return self._handles[file_name]
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def resolve(self, name: str, base_prefix: str) -> str | None:
+        """The stored name of a model parameter: as is, or with the base-model prefix added or removed
+        (GPT-2 checkpoints are saved both as `h.0...` and `transformer.h.0...`)."""
+        prefix = base_prefix + "."
+        for candidate in (name, name.removeprefix(prefix), prefix + name):
+            if candidate in self._files:
+                return candidate
+        return None
+
+    def where(self, name: str) -> str:
+        return str(self.model_dir / self._files[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._open(self._files[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        handle = self._open(self._files[name])
+        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+
+    def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the row-major flattening of a tensor, reading only the rows that hold them."""
+        handle = self._open(self._files[name])
+        if isinstance(handle, dict):
+            return handle[name].reshape(-1)[start:end]
+        tensor_slice = handle.get_slice(name)
+        shape = tensor_slice.get_shape()
+        if len(shape) <= 1:
+            return tensor_slice[start:end].reshape(-1)
+        row = 1
+        for dim in shape[1:]:
+            row *= dim
+        first, last = start // row, -(-end // row)
+        rows = tensor_slice[first:last].reshape(-1)
+        return rows[start - first * row:end - first * row]
+
+
+class ShardedWriter:
+    """Writes named tensors into safetensors shards of at most `max_shard_bytes` (HF file naming)."""
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.out_dir.glob("model*.safetensors")) + [self.out_dir / SAFE_INDEX]:
+            stale.unlink(missing_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names per written shard
+        self._total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self._total_bytes += nbytes
+
+    def _temp_name(self, i: int) -> Path:
+        return self.out_dir / f"model-part{i:05d}.safetensors.tmp"
+
+    def _flush(self) -> None:
+        save_file(self._pending, str(self._temp_name(len(self._shards))), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, give shards their final names and write the index when there are several."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            final = [self.out_dir / SAFE_SINGLE]
+        else:
+            final = [self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for i, path in enumerate(final):
+            os.replace(self._temp_name(i), path)
+        if count > 1:
+            weight_map = {name: final[i].name for i, names in enumerate(self._shards) for name in names}
+            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+            (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return final

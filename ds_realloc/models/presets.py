@@ -1,0 +1,146 @@
+"""Named models: the embedded SmolLM2 default and tiny random presets, each materialised once as an
+HF folder in the cache, so every command treats them like any other local HF path."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+from ds_realloc.models.registry import family_of
+from ds_realloc.models.tokenizer import byte_level_tokenizer
+from ds_realloc.utils.errors import ModelError
+from ds_realloc.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+_COMPLETE_MARK = ".ds_realloc_complete"
+
+
+def cache_dir() -> Path:
+    """Where converted and generated models live: $DS_REALLOC_CACHE or ~/.cache/ds_realloc."""
+    return Path(os.environ.get("DS_REALLOC_CACHE", Path.home() / ".cache" / "ds_realloc"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny random presets (tests): heads divisible by 2 and 4, GQA where the family has it.
+
+_TINY_SEED = 1234
+
+
+def _tiny_dims(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),  # 260: divisible by 2 and 4, so the vocab splits for TP
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_llama_config(tokenizer) -> LlamaConfig:
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                       **_tiny_dims(tokenizer))
+
+
+def _tiny_qwen2_config(tokenizer) -> Qwen2Config:
+    return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                       **_tiny_dims(tokenizer))
+
+
+def _tiny_mistral_config(tokenizer) -> MistralConfig:
+    return MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, sliding_window=None,
+                         tie_word_embeddings=False, **_tiny_dims(tokenizer))
+
+
+def _tiny_gpt2_config(tokenizer) -> GPT2Config:
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_tiny_dims(tokenizer))
+
+
+def _build_random(make_config: Callable) -> Callable[[Path], None]:
+    def build(out_dir: Path) -> None:
+        tokenizer = byte_level_tokenizer()
+        config = make_config(tokenizer)
+        torch.manual_seed(_TINY_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+
+    return build
+
+
+def _build_smollm2(out_dir: Path) -> None:
+    from ds_realloc.models.smollm2 import convert_smollm2
+
+    convert_smollm2(out_dir)
+
+
+PRESETS: dict[str, Callable[[Path], None]] = {
+    EMBEDDED_DEFAULT: _build_smollm2,
+    "tiny-llama": _build_random(_tiny_llama_config),
+    "tiny-qwen2": _build_random(_tiny_qwen2_config),
+    "tiny-mistral": _build_random(_tiny_mistral_config),
+    "tiny-gpt2": _build_random(_tiny_gpt2_config),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so ranks that start together build a preset once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def materialise_preset(name: str) -> Path:
+    """The cache folder of a preset, built on first use (under a lock; atomically renamed into place)."""
+    target = cache_dir() / "models" / name
+    if (target / _COMPLETE_MARK).exists():
+        return target
+    with _locked(cache_dir() / "models" / f"{name}.lock"):
+        if (target / _COMPLETE_MARK).exists():
+            return target
+        staging = target.with_name(f"{name}.building-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info("preparing model %s in %s (once per machine)", name, target)
+        PRESETS[name](staging)
+        (staging / _COMPLETE_MARK).write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str, field: str = "model.path") -> Path:
+    """A local HF folder for a preset name or a path; a ModelError saying what is wrong otherwise."""
+    if name_or_path in PRESETS:
+        return materialise_preset(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"{field}: '{name_or_path}' does not exist and is not a preset "
+            f"(presets: {', '.join(PRESETS)})")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{field}: '{name_or_path}' is not an HF model folder (no config.json in it)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{field}: cannot read {path / 'config.json'}: {e}") from None
+    family_of(config, where=f"{field} ({path / 'config.json'})")
+    return path

@@ -1,0 +1,32 @@
+"""Running `ds-realloc` as a user would, in a subprocess with a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY_RUN = ["model.path=tiny-llama", "train.batch_size=8", "train.micro_batch_size=2"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, launcher: list[str] | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ds-realloc <args>` (or `<launcher> -m ds_realloc <args>`); a hang fails the test via the timeout."""
+    command = (launcher or [sys.executable, "-m", "ds_realloc"]) + args
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path

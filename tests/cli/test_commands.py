@@ -1,0 +1,80 @@
+"""The training commands end to end, 2 processes on a tiny model: they learn, save and resume."""
+
+import json
+import shutil
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tests.cli.helpers import TINY_RUN, metrics, run_cli, summary, write_jsonl
+
+PAIRS = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a + b + 1}"}
+         for a in range(4) for b in range(4)]
+SFT_ROWS = [{"prompt": p["prompt"], "answer": p["chosen"]} for p in PAIRS]
+
+
+def _assert_ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_sft_learns_and_writes_every_output(tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    out = tmp_path / "run"
+    _assert_ok(run_cli(["sft", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=6",
+                        "optim.lr=3e-3", f"output.dir={out}"], tmp_path))
+    result = summary(out)
+    assert result["steps"] == 12
+    assert result["eval_after"]["eval/actor/loss"] < 0.7 * result["eval_before"]["eval/actor/loss"]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(13))
+    for key in ("actor/loss", "actor/lr", "actor/grad_norm", "actor/tokens_per_s", "mem/rss_bytes",
+                "time/actor_train_s"):
+        assert key in rows[1], key
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "actor" / "latest").read_text() == "step12"
+    assert AutoModelForCausalLM.from_pretrained(out / "hf" / "actor").config.model_type == "llama"
+
+
+def test_reward_model_learns_to_rank_pairs(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    _assert_ok(run_cli(["rm", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=8",
+                        "optim.lr=1e-3", f"output.dir={out}"], tmp_path))
+    result = summary(out)
+    before, after = result["eval_before"], result["eval_after"]
+    assert before["eval/reward/accuracy"] <= 0.6 and after["eval/reward/accuracy"] >= 0.8
+    assert after["eval/reward/loss"] < before["eval/reward/loss"] - 0.08
+    assert AutoModelForSequenceClassification.from_pretrained(out / "hf" / "reward").config.num_labels == 1
+
+
+def test_dpo_raises_the_implicit_reward_margin(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    _assert_ok(run_cli(["dpo", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=8",
+                        "optim.lr=1e-3", "dpo.beta=0.5", f"output.dir={out}"], tmp_path))
+    before, after = summary(out)["eval_before"], summary(out)["eval_after"]
+    assert before["eval/actor/reward_margin"] == 0.0 and before["eval/actor/reward_accuracy"] == 0.0
+    assert after["eval/actor/reward_accuracy"] >= 0.9 and after["eval/actor/loss"] < 0.6
+    assert after["eval/actor/reward_margin"] > 0.2
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    args = ["sft", *TINY_RUN, f"data.train={data}", "data.eval=", "train.max_steps=4", "train.save_every=2",
+            "optim.lr=1e-3", "optim.warmup_steps=1"]
+    full = tmp_path / "full"
+    _assert_ok(run_cli([*args, f"output.dir={full}"], tmp_path))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    (resumed / "checkpoints" / "actor" / "latest").write_text("step2")  # as if the run had stopped after step 2
+    shutil.rmtree(resumed / "checkpoints" / "actor" / "step4")
+    kept = [json.dumps(row) for row in metrics(full) if row["step"] <= 2]
+    (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    _assert_ok(run_cli([*args, f"output.dir={resumed}", "--resume"], tmp_path))
+    expected = {row["step"]: row for row in metrics(full)}
+    got = {row["step"]: row for row in metrics(resumed)}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("actor/loss", "actor/grad_norm", "actor/lr"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-7), (step, key)

