@@ -38,10 +38,9 @@ def _arith_records(split: Split, fmt: Format) -> list[dict]:
             records.append({"prompt": prompt, "answer": solution})
         elif fmt == "prompts":
             records.append({"prompt": prompt, "answer": str(result)})
-        else:  # two wrong answers per problem, near the right one, so the pairs are not trivial
-            for _ in range(2):
-                wrong = result + rng.choice([-3, -2, -1, 1, 2, 3])
-                records.append({"prompt": prompt, "chosen": solution, "rejected": f"{a} {op} {b} = {wrong}"})
+        else:  # a wrong answer near the right one, so the pairs are not trivial
+            wrong = result + rng.choice([-3, -2, -1, 1, 2, 3])
+            records.append({"prompt": prompt, "chosen": solution, "rejected": f"{a} {op} {b} = {wrong}"})
     return records
 
 

@@ -14,7 +14,7 @@ def test_arith_answers_are_right_and_pairs_are_wrong():
         a, op, b = record.fields["prompt"].removeprefix("What is ").removesuffix("?").split()
         assert int(record.fields["answer"]) == eval(f"{a} {op} {b}")  # noqa: S307 - our own generated digits
     pairs = builtin_records("builtin:arith", "train", "pairs")
-    assert len(pairs) == 2 * 236
+    assert len(pairs) == 236
     for record in pairs:
         assert final_number(record.fields["chosen"]) != final_number(record.fields["rejected"])
         assert record.fields["chosen"].split(" = ")[0] == record.fields["rejected"].split(" = ")[0]

@@ -1,0 +1,196 @@
+"""A model as the layouts see it: HF parameter names, shapes, shard rules and pipeline units,
+derived from an HF config (an object or a dict of its fields) without building the model.
+
+Pipeline units: 0 = embeddings, 1..L = transformer layers, L+1 = final norm and LM head.
+Named sizes (`llama-7b` ... `llama-70b`) give the configs of well-known models for plan statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ds_realloc.layout.sharding import FusedSplit, KVHeads, Replicated, ShardRule, Split
+from ds_realloc.utils.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    rule: ShardRule
+    unit: int  # pipeline unit
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    params: tuple[ParamInfo, ...]
+    num_layers: int
+    tied_head: tuple[str, str] | None  # (head buffer name, embedding param it reads) when embeddings are tied
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers + 2
+
+    def param(self, name: str) -> ParamInfo:
+        return self._by_name[name]
+
+    @property
+    def _by_name(self) -> dict[str, ParamInfo]:
+        cached = self.__dict__.get("_by_name_cache")
+        if cached is None:
+            cached = {p.name: p for p in self.params}
+            object.__setattr__(self, "_by_name_cache", cached)
+        return cached
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    def unit_numel(self) -> list[int]:
+        """Elements per pipeline unit (the tied head counts on the last unit too, as it is computed there)."""
+        sizes = [0] * self.num_units
+        for p in self.params:
+            sizes[p.unit] += p.numel
+        if self.tied_head:
+            sizes[-1] += self.param(self.tied_head[1]).numel
+        return sizes
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+        if value is not None:
+            return value
+    if default is not None:
+        return default
+    raise ConfigError(f"the model config has none of the fields {', '.join(names)}")
+
+
+def _llama_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
+    hidden = _get(config, "hidden_size")
+    layers = _get(config, "num_hidden_layers")
+    heads = _get(config, "num_attention_heads")
+    kv = _get(config, "num_key_value_heads", default=heads)
+    head_dim = _get(config, "head_dim", default=hidden // heads)
+    inter = _get(config, "intermediate_size")
+    vocab = _get(config, "vocab_size")
+    bias = _get(config, "model_type") == "qwen2" or bool(_get(config, "attention_bias", default=False))
+    tied = bool(_get(config, "tie_word_embeddings", default=False))
+    q_rule, kv_rule = Split(0, head_dim), KVHeads(kv, head_dim)
+    params = [ParamInfo("model.embed_tokens.weight", (vocab, hidden), Split(0, uneven=True), 0)]
+    for i in range(layers):
+        prefix, unit = f"model.layers.{i}.", i + 1
+        attention = [("q_proj", heads, q_rule), ("k_proj", kv, kv_rule), ("v_proj", kv, kv_rule)]
+        for proj, n, rule in attention:
+            params.append(ParamInfo(f"{prefix}self_attn.{proj}.weight", (n * head_dim, hidden), rule, unit))
+            if bias:
+                params.append(ParamInfo(f"{prefix}self_attn.{proj}.bias", (n * head_dim,), rule, unit))
+        params += [
+            ParamInfo(f"{prefix}self_attn.o_proj.weight", (hidden, heads * head_dim), Split(1, head_dim), unit),
+            ParamInfo(f"{prefix}mlp.gate_proj.weight", (inter, hidden), Split(0), unit),
+            ParamInfo(f"{prefix}mlp.up_proj.weight", (inter, hidden), Split(0), unit),
+            ParamInfo(f"{prefix}mlp.down_proj.weight", (hidden, inter), Split(1), unit),
+            ParamInfo(f"{prefix}input_layernorm.weight", (hidden,), Replicated(), unit),
+            ParamInfo(f"{prefix}post_attention_layernorm.weight", (hidden,), Replicated(), unit),
+        ]
+    params.append(ParamInfo("model.norm.weight", (hidden,), Replicated(), layers + 1))
+    if not tied:
+        params.append(ParamInfo("lm_head.weight", (vocab, hidden), Split(0, uneven=True), layers + 1))
+    return params, layers, tied
+
+
+def _gpt2_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
+    hidden = _get(config, "n_embd", "hidden_size")
+    layers = _get(config, "n_layer", "num_hidden_layers")
+    heads = _get(config, "n_head", "num_attention_heads")
+    inner = _get(config, "n_inner", default=4 * hidden)
+    vocab, positions = _get(config, "vocab_size"), _get(config, "n_positions", "max_position_embeddings")
+    head_dim = hidden // heads
+    params = [ParamInfo("transformer.wte.weight", (vocab, hidden), Split(0, uneven=True), 0),
+              ParamInfo("transformer.wpe.weight", (positions, hidden), Replicated(), 0)]
+    for i in range(layers):
+        p, unit = f"transformer.h.{i}.", i + 1
+        params += [
+            ParamInfo(f"{p}ln_1.weight", (hidden,), Replicated(), unit),
+            ParamInfo(f"{p}ln_1.bias", (hidden,), Replicated(), unit),
+            ParamInfo(f"{p}attn.c_attn.weight", (hidden, 3 * hidden), FusedSplit(1, 3, head_dim), unit),
+            ParamInfo(f"{p}attn.c_attn.bias", (3 * hidden,), FusedSplit(0, 3, head_dim), unit),
+            ParamInfo(f"{p}attn.c_proj.weight", (hidden, hidden), Split(0, head_dim), unit),  # Conv1D: [in, out]
+            ParamInfo(f"{p}attn.c_proj.bias", (hidden,), Replicated(), unit),
+            ParamInfo(f"{p}ln_2.weight", (hidden,), Replicated(), unit),
+            ParamInfo(f"{p}ln_2.bias", (hidden,), Replicated(), unit),
+            ParamInfo(f"{p}mlp.c_fc.weight", (hidden, inner), Split(1), unit),
+            ParamInfo(f"{p}mlp.c_fc.bias", (inner,), Split(0), unit),
+            ParamInfo(f"{p}mlp.c_proj.weight", (inner, hidden), Split(0), unit),
+            ParamInfo(f"{p}mlp.c_proj.bias", (hidden,), Replicated(), unit),
+        ]
+    params += [ParamInfo("transformer.ln_f.weight", (hidden,), Replicated(), layers + 1),
+               ParamInfo("transformer.ln_f.bias", (hidden,), Replicated(), layers + 1)]
+    return params, layers, True  # GPT-2's LM head is always the token embedding
+
+
+_FAMILIES = {"llama": _llama_params, "mistral": _llama_params, "qwen2": _llama_params, "gpt2": _gpt2_params}
+_TIED_HEAD = {"llama": ("lm_head.weight", "model.embed_tokens.weight"),
+              "gpt2": ("lm_head.weight", "transformer.wte.weight")}
+
+
+def model_spec(config: Any, value_head: bool = False) -> ModelSpec:
+    """The parameters of an HF config's model (a language model, or with `value_head` the backbone
+    plus a replicated `score.weight` [1, hidden] instead of the LM head, as *ForSequenceClassification)."""
+    family = _get(config, "model_type")
+    if family not in _FAMILIES:
+        raise ConfigError(f"model_type '{family}' has no sharding rules; supported: {', '.join(sorted(_FAMILIES))}")
+    params, layers, tied = _FAMILIES[family](config)
+    if value_head:
+        hidden = params[0].shape[1]
+        params = [p for p in params if p.name != "lm_head.weight"]
+        params.append(ParamInfo("score.weight", (1, hidden), Replicated(), layers + 1))
+        tied = False
+    tied_head = _TIED_HEAD["gpt2" if family == "gpt2" else "llama"] if tied else None
+    return ModelSpec(family, tuple(params), layers, tied_head)
+
+
+# Configs of well-known sizes, for plan statistics without weights.
+NAMED_CONFIGS: dict[str, dict] = {
+    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+    "llama-34b": dict(model_type="llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+    "llama-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def balanced_stages(sizes: list[int], stages: int) -> list[int]:
+    """First unit of each of `stages` contiguous, non-empty stages minimising the largest stage
+    (exact, by dynamic programming); the result is identical on every rank."""
+    n = len(sizes)
+    if not 1 <= stages <= n:
+        raise ConfigError(f"cannot split {n} pipeline units (embeddings, {n - 2} layers, head) into {stages} stages")
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    INF = float("inf")
+    best = [[INF] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    starts, i = [], n
+    for k in range(stages, 0, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
