@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds_realloc.engine.factory import scoped_to
 from ds_realloc.models.hf_io import ShardedWriter
 from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import comm_device
@@ -63,13 +64,22 @@ def save_hf_model(module: nn.Module, tokenizer, out_dir: str | Path, writer: int
 
 
 def save_training_state(engine, checkpoint_dir: str | Path, tag: str, client_state: dict) -> None:
-    """DeepSpeed checkpoint (module, optimizer, LR schedule; ZeRO partitions per rank) plus our state."""
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+    """DeepSpeed checkpoint (module, optimizer, LR schedule; ZeRO partitions per rank) plus our state.
+    The engine's first rank creates the folder and writes `latest` (DeepSpeed would use global rank 0,
+    which need not belong to the engine's mesh)."""
+    first = engine.mpu.get_data_parallel_rank() == 0
+    (Path(checkpoint_dir) / tag).mkdir(parents=True, exist_ok=True)
+    with scoped_to(engine.mpu):
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        if first:
+            (Path(checkpoint_dir) / "latest").write_text(tag)
+        dist.barrier(group=engine.mpu.get_data_parallel_group())
 
 
 def load_training_state(engine, checkpoint_dir: str | Path) -> dict:
     """Restore the latest DeepSpeed checkpoint in `checkpoint_dir`; returns the client state saved with it."""
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir))
+    with scoped_to(engine.mpu):
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir))
     if path is None:
         raise UserError(f"--resume: no DeepSpeed checkpoint found in {checkpoint_dir}")
     return client_state

@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds_realloc.engine import deepspeed_compat  # noqa: F401 - scopes DeepSpeed's world-wide checks
 from ds_realloc.engine.ds_config import torch_dtype, zero_stage
 from ds_realloc.engine.loading import instantiate
 from ds_realloc.models.registry import Head
 from ds_realloc.models.value_head import hf_model_of
-from ds_realloc.utils.dist import comm_device
+from ds_realloc.utils.dist import DataParallelMPU, comm_device
 
 
 def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule: Callable | None = None,
@@ -25,26 +26,50 @@ def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule
     """A DeepSpeed training engine for the model in `model_dir`, built from a final DeepSpeed config;
     `lr_schedule(optimizer)` makes the LR scheduler unless the config names its own "scheduler"."""
     zero3 = ds_config if zero_stage(ds_config) == 3 else None
-    module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, dp_group)
+    mpu = DataParallelMPU(dp_group or dist.group.WORLD)
+    module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, mpu)
     if gradient_checkpointing:
         hf_model_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-                                      config=ds_config,
-                                      lr_scheduler=None if "scheduler" in ds_config else lr_schedule)
+    with scoped_to(mpu):
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=mpu,
+                                          model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                          lr_scheduler=None if "scheduler" in ds_config else lr_schedule)
     return engine
+
+
+@contextlib.contextmanager
+def scoped_to(mpu: DataParallelMPU) -> Iterator[None]:
+    """Run DeepSpeed code that assumes it owns the world on the engine's group instead: ZeRO-3
+    construction and checkpointing call group-less barriers, and DeepSpeed reads a process-global
+    `groups.mpu` that the last engine built overwrote. Engines on disjoint meshes then never wait
+    for each other's ranks."""
+    from deepspeed import comm
+    from deepspeed.utils import groups
+
+    barrier, previous = comm.barrier, groups.mpu
+
+    def group_barrier(group=None, **kwargs):
+        return barrier(group=group if group is not None else mpu.get_data_parallel_group(), **kwargs)
+
+    comm.barrier, groups.mpu = group_barrier, mpu
+    try:
+        yield
+    finally:
+        comm.barrier, groups.mpu = barrier, previous
 
 
 class FrozenModel:
     """A no-grad model. Under ZeRO-3 it is a DeepSpeed engine without optimizer whose partitions may
     live on CPU (`offload_param`); otherwise a replica moved to the device only while `resident()`."""
 
-    def __init__(self, module: nn.Module, ds_config: dict, offload: bool):
+    def __init__(self, module: nn.Module, ds_config: dict, offload: bool, mpu: DataParallelMPU):
         module.requires_grad_(False)
         self.zero3 = zero_stage(ds_config) == 3
         self.offload = offload and not self.zero3
         self.device = comm_device()
         if self.zero3:
-            self._engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+            with scoped_to(mpu):
+                self._engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=mpu)
             self.module = self._engine.module
         else:
             self._engine = None
@@ -73,5 +98,6 @@ def build_frozen_model(model_dir: Path, head: Head, ds_config: dict, offload: bo
                        pad_token_id: int | None = None, dp_group: dist.ProcessGroup | None = None) -> FrozenModel:
     """A frozen model (reference, reward) for the model in `model_dir`."""
     zero3 = ds_config if zero_stage(ds_config) == 3 else None
-    module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, dp_group)
-    return FrozenModel(module, ds_config, offload)
+    mpu = DataParallelMPU(dp_group or dist.group.WORLD)
+    module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, mpu)
+    return FrozenModel(module, ds_config, offload, mpu)

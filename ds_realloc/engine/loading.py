@@ -23,6 +23,7 @@ from transformers.integrations.deepspeed import prevent_arange_dtype_change
 from ds_realloc.models.hf_io import CheckpointReader
 from ds_realloc.models.registry import Head, family_of
 from ds_realloc.models.value_head import ScalarHeadModel
+from ds_realloc.utils.dist import DataParallelMPU
 from ds_realloc.utils.errors import ModelError
 
 _NEW_HEAD_PREFIX = "score."  # the only parameters allowed to be missing: a new scalar head
@@ -103,11 +104,11 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
 
 
 def instantiate(model_dir: Path, head: Head, dtype: torch.dtype, zero3_config: dict | None,
-                pad_token_id: int | None = None, dp_group: dist.ProcessGroup | None = None) -> nn.Module:
+                pad_token_id: int | None = None, mpu: DataParallelMPU | None = None) -> nn.Module:
     """An HF model (or ScalarHeadModel for head="value") with the weights of `model_dir`.
 
-    `zero3_config` (a DeepSpeed config with stage 3) partitions parameters over `dp_group` (default:
-    the world) while they are created, so no rank ever holds the full model."""
+    `zero3_config` (a DeepSpeed config with stage 3) partitions parameters over the data-parallel
+    group of `mpu` (default: the world) while they are created, so no rank holds the full model."""
     config = model_config(model_dir, head, pad_token_id)
     # Resolve (import) the class before zero.Init: importing HF modeling code inside it breaks, as
     # DeepSpeed patches tensor construction there.
@@ -121,8 +122,9 @@ def instantiate(model_dir: Path, head: Head, dtype: torch.dtype, zero3_config: d
             stack.enter_context(prevent_arange_dtype_change())
             # dtype=None: zero.Init then takes the precision from the config. DeepSpeed 0.19's
             # `dtype or fp16 if fp16_supported else bf16` turns an explicit fp32 into bf16 on CPU.
-            stack.enter_context(deepspeed.zero.Init(config_dict_or_path=zero3_config, dtype=None,
-                                                    data_parallel_group=dp_group))
+            stack.enter_context(deepspeed.zero.Init(
+                config_dict_or_path=zero3_config, dtype=None, mpu=mpu,
+                data_parallel_group=mpu.get_data_parallel_group() if mpu else None))
         model = model_class._from_config(config, dtype=dtype)
     model.tie_weights()
     stored = {p.ds_tensor.dtype if hasattr(p, "ds_id") else p.dtype for p in model.parameters()}

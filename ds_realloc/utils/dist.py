@@ -69,3 +69,48 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=True, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def group_of(ranks) -> dist.ProcessGroup:
+    """The process group of exactly these global ranks (the world group for all of them). Only its
+    members call this (local synchronisation), and each group is created once per process."""
+    key = tuple(sorted(ranks))
+    if key == tuple(range(dist.get_world_size())):
+        return dist.group.WORLD
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(key), use_local_synchronization=True)
+    return _GROUPS[key]
+
+
+class DataParallelMPU:
+    """The `mpu` DeepSpeed asks for when a model is data parallel over a group of ranks (its mesh)
+    and has no model parallelism inside the engine."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.ranks = dist.get_process_group_ranks(group)
+        self._alone = group_of([dist.get_rank()])
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.ranks)
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ranks.index(dist.get_rank())
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.ranks)
+
+    def get_model_parallel_group(self):
+        return self._alone
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0

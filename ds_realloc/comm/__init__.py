@@ -1,0 +1,1 @@
+"""Executing reallocation plans and moving batches between meshes with torch.distributed."""

@@ -1,0 +1,1 @@
+"""Pure layouts and reallocation plans: meshes, strategies, shard rules, plans (no processes)."""
