@@ -21,6 +21,8 @@ training commands (run with no arguments on the embedded default model and task)
 {commands}
 tools:
   prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
+  plan-stats [key=value ...]  traffic of a reallocation plan for any model size and layouts (no processes)
+  bench <name> [key=value ...] [--json]   benchmarks against a named baseline: {benchmarks}
 
 `ds-realloc <command> --help` lists every config field with its type, default and meaning."""
 
@@ -99,11 +101,65 @@ def _run_training(command: str, args: Sequence[str]) -> int:
     return launch_workers(nprocs, [command, *args])
 
 
+BENCHMARKS = {"realloc": ("ds_realloc.bench.realloc", "ReallocBenchConfig")}
+
+
+def _tool_help(name: str, config_cls: type, summary: str) -> None:
+    from ds_realloc.utils.config import format_help
+
+    print(f"ds-realloc {name}: {summary}\n\nusage: ds-realloc {name} [key=value ...] [--json]\n\n"
+          f"fields:\n{format_help(config_cls)}")
+
+
+def _bench(args: Sequence[str]) -> int:
+    import importlib
+
+    if not args or args[0] not in BENCHMARKS:
+        raise UserError(f"bench needs a benchmark name: {', '.join(BENCHMARKS)}")
+    module_name, config_name = BENCHMARKS[args[0]]
+    module = importlib.import_module(module_name)
+    if "--help" in args or "-h" in args:
+        _tool_help(f"bench {args[0]}", getattr(module, config_name), module.__doc__.strip().splitlines()[0])
+        return 0
+    return module.main(list(args[1:]))
+
+
+def _plan_stats(args: Sequence[str]) -> int:
+    import json
+
+    from ds_realloc.layout.model import NAMED_CONFIGS
+    from ds_realloc.layout.report import PlanStatsConfig, format_plan_report, plan_report
+    from ds_realloc.utils.config import load_config
+
+    if "--help" in args or "-h" in args:
+        _tool_help("plan-stats", PlanStatsConfig, "statistics of a reallocation plan, without processes")
+        return 0
+    cfg = load_config(PlanStatsConfig, None, [a for a in args if a != "--json"])
+    if cfg.model in NAMED_CONFIGS:
+        hf_config = NAMED_CONFIGS[cfg.model]
+    else:
+        from pathlib import Path
+
+        from transformers import AutoConfig
+
+        from ds_realloc.models.presets import resolve_model_path
+
+        path = Path(cfg.model)
+        hf_config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else
+                                               resolve_model_path(cfg.model, field="model"))
+    report = plan_report(hf_config, cfg)
+    print(json.dumps(report, indent=2) if "--json" in args else format_plan_report(report))
+    return 0
+
+
 def _prepare_model(args: Sequence[str]) -> int:
     from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
 
     print(resolve_model_path(args[0] if args else EMBEDDED_DEFAULT, field="prepare-model"))
     return 0
+
+
+TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "bench": _bench}
 
 
 def _without_local_rank(argv: list[str]) -> list[str]:
@@ -126,16 +182,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = _training_commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
         listing = "\n".join(f"  {name:<27} {e.summary}" for name, e in commands.items())
-        print(USAGE.format(commands=listing))
+        print(USAGE.format(commands=listing, benchmarks=", ".join(BENCHMARKS)))
         sys.exit(0 if argv else 2)
     command, args = argv[0], argv[1:]
     try:
         if command in commands:
             code = _run_training(command, args)
-        elif command == "prepare-model":
-            code = _prepare_model(args)
+        elif command in TOOLS:
+            code = TOOLS[command](args)
         else:
-            raise UserError(f"unknown command '{command}'; commands: {', '.join([*commands, 'prepare-model'])}")
+            raise UserError(f"unknown command '{command}'; commands: {', '.join([*commands, *TOOLS])}")
     except UserError as e:
         from ds_realloc.utils.logging import env_rank
 

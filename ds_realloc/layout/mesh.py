@@ -1,7 +1,7 @@
 """Device meshes (ordered sets of global ranks) and parallel strategies, parsed from strings.
 
 Mesh strings: `0-7`, `0,2,4,6`, `0-3,8-11`, or hostfile-relative `node1:0-3` (slots 0-3 of the
-second host; needs the slots per host). Strategy strings: `d{dp}t{tp}p{pp}` in any order and with
+second host; needs the slots per host), several hosts joined by `@` as in DeepSpeed's --include. Strategy strings: `d{dp}t{tp}p{pp}` in any order and with
 any factor left out (`m` is accepted for `t`), or `zero3` / `zero3:d{dp}` for ZeRO-3 partitions.
 
 Coordinate order: the i-th rank of a mesh with strategy d{dp}t{tp}p{pp} has
@@ -44,7 +44,14 @@ class DeviceMesh:
         return rank in self.ranks
 
     def __str__(self) -> str:
-        return ",".join(map(str, self.ranks))
+        """Ranges where ranks are consecutive, in mesh order: `0-7`, `0,2,4`, `4-7,0-3`."""
+        parts, start = [], 0
+        for i in range(1, len(self.ranks) + 1):
+            if i == len(self.ranks) or self.ranks[i] != self.ranks[i - 1] + 1:
+                first, last = self.ranks[start], self.ranks[i - 1]
+                parts.append(f"{first}-{last}" if last > first else str(first))
+                start = i
+        return ",".join(parts)
 
 
 def _span(text: str, where: str) -> list[int]:
@@ -58,14 +65,16 @@ def _span(text: str, where: str) -> list[int]:
 
 
 def parse_mesh(text: str, slots_per_host: Sequence[int] | None = None, where: str = "mesh") -> DeviceMesh:
-    """A mesh from `0-7`, `0,2,4,6` or `node1:0-3` (host index, then local slots)."""
+    """A mesh from global ranks (`0-7`, `0,2,4,6`) or, as DeepSpeed's --include writes it, host specs
+    `node1:0-3` / `node0:0,2@node1:1` (the number ending the host name is its index in the hostfile)."""
     ranks: list[int] = []
-    for part in text.split(","):
-        host, sep, local = part.rpartition(":")
+    for spec in text.split("@"):
+        host, sep, local = spec.rpartition(":")
         if not sep:
-            ranks += _span(part, where)
+            for part in spec.split(","):
+                ranks += _span(part, where)
             continue
-        host_match = re.fullmatch(r"\s*[A-Za-z_]*(\d+)\s*", host)
+        host_match = re.fullmatch(r"\s*[A-Za-z0-9_.-]*?(\d+)\s*", host)
         if not host_match:
             raise ConfigError(f"{where}: cannot read host '{host}' in '{text}' (expected e.g. node1:0-3)")
         if slots_per_host is None:
@@ -74,10 +83,12 @@ def parse_mesh(text: str, slots_per_host: Sequence[int] | None = None, where: st
         if node >= len(slots_per_host):
             raise ConfigError(f"{where}: host {node} in '{text}' does not exist ({len(slots_per_host)} hosts)")
         offset = sum(slots_per_host[:node])
-        for slot in _span(local, where):
-            if slot >= slots_per_host[node]:
-                raise ConfigError(f"{where}: slot {slot} of host {node} does not exist ({slots_per_host[node]} slots)")
-            ranks.append(offset + slot)
+        for part in local.split(","):
+            for slot in _span(part, where):
+                if slot >= slots_per_host[node]:
+                    raise ConfigError(f"{where}: slot {slot} of host {node} does not exist "
+                                      f"({slots_per_host[node]} slots)")
+                ranks.append(offset + slot)
     return DeviceMesh(tuple(ranks))
 
 

@@ -62,6 +62,13 @@ def _tiny_mistral_config(tokenizer) -> MistralConfig:
                          tie_word_embeddings=False, **_tiny_dims(tokenizer))
 
 
+def _llama_100m_config(tokenizer) -> LlamaConfig:
+    """~112M parameters (LLaMA shapes with GQA: 12 heads, 4 kv heads, vocab 32000) for benchmarks."""
+    dims = {**_tiny_dims(tokenizer), "vocab_size": 32000}
+    return LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                       num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, **dims)
+
+
 def _tiny_gpt2_config(tokenizer) -> GPT2Config:
     return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_tiny_dims(tokenizer))
 
@@ -90,6 +97,7 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-qwen2": _build_random(_tiny_qwen2_config),
     "tiny-mistral": _build_random(_tiny_mistral_config),
     "tiny-gpt2": _build_random(_tiny_gpt2_config),
+    "llama-100m": _build_random(_llama_100m_config),
 }
 
 

@@ -13,3 +13,45 @@ def memory_stats() -> dict[str, float]:
         stats["mem/device_peak_bytes"] = float(torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
     return stats
+
+
+class PeakMemory:
+    """Peak memory above the level at entry while a block runs: the allocator's peak on GPU, the
+    process RSS sampled every `interval_s` on CPU (run with MALLOC_MMAP_THRESHOLD_ set low so that
+    freed tensors leave the RSS)."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s = interval_s
+        self.bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        process = psutil.Process()
+        self._start = process.memory_info().rss
+        self._peak = self._start
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, process.memory_info().rss)
+                self._stop.wait(self.interval_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, psutil.Process().memory_info().rss)
+        self.bytes = self._peak - self._start

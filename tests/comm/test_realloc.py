@@ -115,7 +115,7 @@ def _full_weights(engine) -> dict[str, torch.Tensor]:
 def _from_engine(rank, world, dtype_name, offload, train_ranks):
     import torch.distributed as dist
 
-    from ds_realloc.comm.realloc import check_zero3_layout, reallocate, zero3_sources
+    from ds_realloc.comm.realloc import KeptWeights, check_zero3_layout, reallocate, zero3_sources
     from ds_realloc.layout.layout import Layout
     from ds_realloc.layout.mesh import DeviceMesh, Strategy
     from ds_realloc.layout.model import model_spec
@@ -148,9 +148,12 @@ def _from_engine(rank, world, dtype_name, offload, train_ranks):
                 assert torch.equal(got[name], want[name]), (round_, strategy, ranks, name)
             checked += 1
         assert all(torch.equal(before[name], sources[name]) for name in sources)  # partitions untouched
-    # after an optimizer step, the next reallocation carries the new weights
+    # after an optimizer step, the next reallocation carries the new weights; a kept copy is stale
+    kept = KeptWeights(src, engine.global_steps if engine else None, {})
     if engine:
+        assert kept.current(src, engine.global_steps)
         _train_step(engine)
+        assert not kept.current(src, engine.global_steps)
         new_state = _full_weights(engine)
         assert any(not torch.equal(new_state[n].to(dtype), state[n].to(dtype)) for n in new_state)
     else:
