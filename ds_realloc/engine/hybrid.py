@@ -1,0 +1,118 @@
+"""The hybrid engine: a ZeRO-3 model trains as usual and runs inference on tensor-parallel layouts.
+
+`generate`, `logprobs` and `values` reallocate the live ZeRO-3 partitions (read in place, also
+when offloaded) into the requested data x tensor parallel layout on any ranks - the same ranks,
+a subset, or others - run there, and free the copy, or keep it while the weights are unchanged
+(`keep=True`; the version is the optimizer step count). Training is untouched DeepSpeed.
+
+Every rank of the source mesh and of the destination layout calls the same method (SPMD); ranks
+outside the destination get None. A data-parallel destination splits the work by the caller:
+each tensor-parallel group passes its own prompts (the same on all of its ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds_realloc.comm.realloc import KeptWeights, check_zero3_layout, reallocate, shaped, zero3_sources
+from ds_realloc.layout.layout import Layout
+from ds_realloc.layout.mesh import DeviceMesh, Strategy
+from ds_realloc.layout.model import model_spec
+from ds_realloc.layout.plan import ReallocPlan
+from ds_realloc.models.generate import Generation, GenerationConfig, generate
+from ds_realloc.models.inference import InferenceModel, inference_model, score_logprobs, score_values
+from ds_realloc.models.tp import TensorParallel
+from ds_realloc.models.value_head import hf_model_of
+from ds_realloc.utils.dist import comm_device, group_of
+from ds_realloc.utils.errors import ConfigError
+
+
+class HybridEngine:
+    def __init__(self, module: nn.Module | None, hf_config, value_head: bool, src_mesh: DeviceMesh,
+                 dtype: torch.dtype, version: Callable[[], object] = lambda: 0):
+        """`module`: the ZeRO-3 model (a DeepSpeed engine's `.module`) on the ranks of `src_mesh`, None elsewhere."""
+        self.module = hf_model_of(module) if module is not None else None
+        self.config = hf_config
+        self.model = model_spec(hf_config, value_head=value_head)
+        self.src = Layout(self.model, src_mesh, Strategy(dp=src_mesh.size, zero3=True))
+        self.dtype, self.device = dtype, comm_device()
+        self.version = version
+        self._plans: dict[Layout, ReallocPlan] = {}
+        self._kept: KeptWeights | None = None
+        self._checked = False
+
+    @classmethod
+    def of_engine(cls, engine, hf_config, value_head: bool) -> "HybridEngine":
+        """Around a DeepSpeed ZeRO-3 training engine; weights change with each optimizer step."""
+        from ds_realloc.engine.ds_config import torch_dtype
+
+        mesh = DeviceMesh(tuple(engine.mpu.get_data_parallel_group_ranks()))
+        return cls(engine.module, hf_config, value_head, mesh, torch_dtype(engine.config), lambda: engine.global_steps)
+
+    def layout(self, mesh: DeviceMesh, strategy: Strategy) -> Layout:
+        """An inference layout (fused q/k/v and gate/up buffers) of this model."""
+        if strategy.zero3 or strategy.pp != 1:
+            raise ConfigError(f"inference runs on d<dp>t<tp> layouts, not {strategy}")
+        return Layout(self.model, mesh, strategy, fused=True)
+
+    def plan(self, layout: Layout) -> ReallocPlan:
+        if layout not in self._plans:
+            self._plans[layout] = ReallocPlan.build(self.model, self.src, layout)
+        return self._plans[layout]
+
+    def _weights(self, layout: Layout, keep: bool) -> tuple[Layout, dict[str, torch.Tensor]]:
+        plan = self.plan(layout)
+        version = self.version() if self.module is not None else None
+        if self._kept is not None and self._kept.current(plan.dst, version):
+            return plan.dst, self._kept.buffers
+        rank = dist.get_rank()
+        if self.module is not None and not self._checked:
+            check_zero3_layout(self.module, self.src, rank)
+            self._checked = True
+        sources = zero3_sources(self.module) if self.module is not None else {}
+        buffers = reallocate(plan, sources, self.dtype, self.device)
+        self._kept = KeptWeights(plan.dst, version, buffers) if keep else None
+        return plan.dst, buffers
+
+    def model_on(self, layout: Layout, keep: bool = False) -> InferenceModel | None:
+        """The inference model of this rank's shard of `layout` (None off the layout)."""
+        placed, buffers = self._weights(layout, keep)
+        rank = dist.get_rank()
+        if rank not in placed.ranks:
+            return None
+        dp, tp_rank, pp = placed.coords(rank)
+        tp_size = placed.strategy.tp
+        group = group_of([placed.ranks[placed.strategy.index(dp, t, pp)] for t in range(tp_size)]) \
+            if tp_size > 1 else None
+        return inference_model(self.config, shaped(placed, rank, buffers), TensorParallel(tp_size, tp_rank, group))
+
+    def release(self) -> None:
+        """Drop a kept inference copy (the next call reallocates)."""
+        self._kept = None
+
+    # -- the calls -------------------------------------------------------------------------------
+
+    def generate(self, layout: Layout, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                 eos_token_ids: Sequence[int], pad_token_id: int, keep: bool = False) -> Generation | None:
+        model = self.model_on(layout, keep)
+        return None if model is None else generate(model, prompts, cfg, eos_token_ids, pad_token_id)
+
+    def logprobs(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 keep: bool = False) -> torch.Tensor | None:
+        """Token log-probs [B, T-1] of a batch (reference / actor inference)."""
+        model = self.model_on(layout, keep)
+        if model is None:
+            return None
+        return score_logprobs(model, input_ids.to(self.device), attention_mask.to(self.device))
+
+    def values(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               keep: bool = False) -> torch.Tensor | None:
+        """Per-token values [B, T] of a critic / reward model."""
+        model = self.model_on(layout, keep)
+        if model is None:
+            return None
+        return score_values(model, input_ids.to(self.device), attention_mask.to(self.device))

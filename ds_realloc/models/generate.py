@@ -1,0 +1,150 @@
+"""Batched generation with a preallocated KV cache on tensor-parallel shards.
+
+Prompts are left-padded to the longest; the cache holds prompt + max_new_tokens slots. Each step
+samples from the vocab-parallel logits without gathering them where it can: greedy is a
+distributed argmax; temperature sampling is the Gumbel-max trick with noise every TP rank draws
+from the same seeded generator; top-k gathers only each rank's k best; top-p without top-k is the
+one case that gathers the full logits. TP ranks therefore pick identical tokens, and a fixed seed
+reproduces a generation exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ds_realloc.models.attention import KVCache, attention_mask, positions_of
+from ds_realloc.models.tp import TensorParallel, VocabShard, argmax, token_logprobs
+from ds_realloc.utils.config import invalid, option
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = option(64, "tokens to generate at most per prompt")
+    min_new_tokens: int = option(0, "EOS is not allowed before this many tokens")
+    greedy: bool = option(False, "take the most likely token (ignores temperature, top_k, top_p)")
+    temperature: float = option(1.0, "sampling temperature")
+    top_k: int = option(0, "sample among the k most likely tokens (0 = all)")
+    top_p: float = option(1.0, "sample among the smallest set of tokens with this probability mass")
+    seed: int = option(0, "sampling seed (the same on every tensor-parallel rank)")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise invalid("max_new_tokens", "must be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise invalid("min_new_tokens", "must be within [0, max_new_tokens]")
+        if self.temperature <= 0:
+            raise invalid("temperature", "must be positive (use greedy=true for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise invalid("top_p", "must be within (0, 1]")
+        if self.top_k < 0:
+            raise invalid("top_k", "must be >= 0")
+
+
+@dataclass
+class Generation:
+    """Generated tokens [B, N] (pad after EOS), their log-probs under the sampling temperature, and a
+    mask that is 1 on generated tokens (EOS included). N <= max_new_tokens: generation stops when
+    every row has finished."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the smallest prefix of the sorted distribution reaching `top_p` (HF's rule)."""
+    if top_p >= 1:
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    cumulative = ordered.softmax(-1).cumsum(-1)
+    drop = cumulative - ordered.softmax(-1) >= top_p  # keep the token that crosses the threshold
+    return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, vocab: VocabShard, tp: TensorParallel, cfg: GenerationConfig,
+           generator: torch.Generator) -> torch.Tensor:
+    """Next tokens [B] from vocab-parallel logits [B, V/tp], identical on every TP rank."""
+    if cfg.greedy:
+        return argmax(logits, vocab, tp)
+    scaled = logits / cfg.temperature
+    if cfg.top_k:
+        values, index = scaled.topk(min(cfg.top_k, scaled.shape[-1]), dim=-1)
+        values = tp.all_gather(values).permute(1, 0, 2).flatten(1)  # [B, tp*k]: every rank's best
+        ids = tp.all_gather(index + vocab.start).permute(1, 0, 2).flatten(1)
+        values, best = values.topk(min(cfg.top_k, values.shape[-1]), dim=-1)
+        probs = _top_p_filter(values, cfg.top_p).softmax(-1)
+        choice = torch.multinomial(probs, 1, generator=generator)
+        return ids.gather(-1, best.gather(-1, choice)).squeeze(-1)
+    if cfg.top_p < 1:  # nucleus sampling needs the whole sorted distribution: gather the logits
+        full = tp.all_gather(scaled).permute(1, 0, 2).flatten(1)[:, :vocab.vocab]
+        probs = _top_p_filter(full, cfg.top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits); every rank draws the
+    # noise of the whole vocabulary from the same generator and keeps its own slice.
+    uniform = torch.rand((scaled.shape[0], vocab.vocab), generator=generator, device=scaled.device)
+    noise = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
+    local = noise[:, vocab.start:vocab.start + vocab.valid]
+    noisy = scaled.clone()
+    noisy[:, :vocab.valid] += local
+    return argmax(noisy, vocab, tp)
+
+
+def _forbid(logits: torch.Tensor, tokens: Sequence[int], vocab: VocabShard) -> None:
+    for token in tokens:
+        if vocab.start <= token < vocab.start + vocab.valid:
+            logits[:, token - vocab.start] = float("-inf")
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos_token_ids: Sequence[int],
+             pad_token_id: int) -> Generation:
+    """Continue every prompt (token ids) with up to `cfg.max_new_tokens` tokens."""
+    device, batch = model.device, len(prompts)
+    longest = max(len(p) for p in prompts)
+    capacity = longest + cfg.max_new_tokens
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
+    valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        valid[row, longest - len(prompt):longest] = True
+    cache = KVCache(model.num_layers, batch, model.kv_heads, capacity, model.head_dim, model.dtype, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    hidden = model.hidden(input_ids, positions_of(valid[:, :longest]),
+                          attention_mask(valid[:, :longest], torch.arange(longest, device=device), model.sliding_window),
+                          cache, 0)
+    next_positions = valid[:, :longest].sum(-1)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs, masks = [], [], []
+    for step in range(cfg.max_new_tokens):
+        logits = model.logits(hidden[:, -1])
+        if step < cfg.min_new_tokens:
+            _forbid(logits, eos_token_ids, model.vocab)
+        token = sample(logits, model.vocab, model.tp, cfg, generator)
+        scaled = logits if cfg.greedy else logits / cfg.temperature
+        logprob = token_logprobs(scaled, token, model.vocab, model.tp)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        logprobs.append(torch.where(done, torch.zeros_like(logprob), logprob))
+        masks.append(~done)
+        done = done | torch.isin(token, eos)
+        if bool(done.all()) or step + 1 == cfg.max_new_tokens:
+            break
+        slot = longest + step
+        valid[:, slot] = True
+        hidden = model.hidden(token[:, None], (next_positions + step)[:, None],
+                              attention_mask(valid[:, :slot + 1], torch.tensor([slot], device=device),
+                                             model.sliding_window), cache, slot)
+    return Generation(torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(masks, 1).long())
+
+
+def completion_ids(generation: Generation, row: int) -> list[int]:
+    """The generated tokens of one row, without the padding after EOS."""
+    return generation.tokens[row, : int(generation.mask[row].sum())].tolist()

@@ -1,0 +1,57 @@
+"""Inference models on tensor-parallel shards, and the no-grad scoring passes built on them:
+token log-probs (reference / actor inference) and per-token values (critic / reward)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+import torch
+
+from ds_realloc.models.attention import KVCache, attention_mask, positions_of
+from ds_realloc.models.gpt2 import GPT2TP
+from ds_realloc.models.llama import LlamaTP
+from ds_realloc.models.registry import family_of
+from ds_realloc.models.tp import TensorParallel, VocabShard, token_logprobs
+
+
+class InferenceModel(Protocol):
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: VocabShard
+    sliding_window: int | None
+    tp: TensorParallel
+    dtype: torch.dtype
+    device: torch.device
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               cache: KVCache | None = None, start: int = 0) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParallel) -> InferenceModel:
+    """The inference module of an HF config's family on this rank's shards (a fused layout's buffers)."""
+    family = family_of(config).name
+    return GPT2TP(config, weights, tp) if family == "gpt2" else LlamaTP(config, weights, tp)
+
+
+def _hidden(model: InferenceModel, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return model.hidden(input_ids, positions_of(valid), attention_mask(valid.bool(), slots, model.sliding_window))
+
+
+@torch.no_grad()
+def score_logprobs(model: InferenceModel, input_ids: torch.Tensor, attention_mask_: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | ...) for every position: [B, T-1], like functional.token_logprobs."""
+    logits = model.logits(_hidden(model, input_ids, attention_mask_)[:, :-1])
+    return token_logprobs(logits, input_ids[:, 1:], model.vocab, model.tp)
+
+
+@torch.no_grad()
+def score_values(model: InferenceModel, input_ids: torch.Tensor, attention_mask_: torch.Tensor) -> torch.Tensor:
+    """Per-token values [B, T] of a critic / reward model."""
+    return model.values(_hidden(model, input_ids, attention_mask_))
