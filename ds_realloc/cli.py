@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from ds_realloc.utils.errors import UserError
 
-USAGE = """usage: ds-realloc <command> [CONFIG.yaml] [key=value ...] [--resume] [--deepspeed_config FILE]
+USAGE = """usage: ds-realloc <command> [CONFIG.yaml] [key=value | --key value ...] [--resume] [--deepspeed_config FILE]
 
-training commands (run with no arguments on the embedded default model and task):
+commands (each runs with no arguments on the embedded default model and task):
 {commands}
 tools:
   prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
@@ -27,10 +28,52 @@ tools:
 `ds-realloc <command> --help` lists every config field with its type, default and meaning."""
 
 
-def _training_commands():
+@dataclass(frozen=True)
+class DistributedCommand:
+    """A command that runs on every rank: its config, what the launching process checks first, and the run."""
+
+    summary: str
+    config_cls: type
+    prepare: Callable[[object, int], None]  # (config, number of processes): fail fast, build presets once
+    run: Callable[[object], object]
+
+
+def _experiment_command(experiment) -> DistributedCommand:
+    def prepare(cfg, nprocs: int) -> None:
+        from ds_realloc.dataflow.config import check_world_fit
+        from ds_realloc.models.presets import resolve_model_path
+
+        check_world_fit(cfg.train, nprocs)
+        for spec in experiment.roles(cfg):
+            resolve_model_path(spec.path, spec.path_field)
+
+    def run(cfg):
+        from ds_realloc.dataflow.runner import run_experiment
+
+        return run_experiment(experiment, cfg)
+
+    return DistributedCommand(experiment.summary, experiment.config_cls, prepare, run)
+
+
+def _generate_command() -> DistributedCommand:
+    from ds_realloc.dataflow import generation
+
+    def prepare(cfg, nprocs: int) -> None:
+        from ds_realloc.models.presets import resolve_model_path
+
+        generation.check_world(cfg, nprocs)
+        resolve_model_path(cfg.model, field="model")
+
+    return DistributedCommand("generate completions on a d x t layout (each rank reads only its shard)",
+                              generation.GenerateConfig, prepare, generation.run_generate)
+
+
+def _training_commands() -> dict[str, DistributedCommand]:
     from ds_realloc.dataflow.experiments import EXPERIMENTS
 
-    return EXPERIMENTS
+    commands = {name: _experiment_command(e) for name, e in EXPERIMENTS.items()}
+    commands["generate"] = _generate_command()
+    return commands
 
 
 def parse_run_args(config_cls: type, args: Sequence[str]):
@@ -46,13 +89,17 @@ def parse_run_args(config_cls: type, args: Sequence[str]):
         elif arg == "--deepspeed_config" or arg.startswith("--deepspeed_config="):
             value = arg.partition("=")[2] or (args.pop(0) if args else "")
             overrides.append(f"engine.deepspeed_config={value}")
+        elif arg.startswith("--"):  # --key value, --key=value, or a bare --flag (= true)
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                value = args.pop(0) if args and not args[0].startswith("--") and "=" not in args[0] else "true"
+            overrides.append(f"{key}={value}")
         elif "=" in arg:
             overrides.append(arg)
         elif arg.endswith((".yaml", ".yml")) and yaml_path is None:
             yaml_path = arg
         else:
-            raise UserError(f"unexpected argument '{arg}': expected CONFIG.yaml, key=value, --resume or "
-                            "--deepspeed_config FILE")
+            raise UserError(f"unexpected argument '{arg}': expected CONFIG.yaml, key=value or --key value")
     return load_config(config_cls, yaml_path, overrides)
 
 
@@ -75,33 +122,27 @@ def launch_workers(nprocs: int, argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_training(command: str, args: Sequence[str]) -> int:
+def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]) -> int:
     from ds_realloc.utils.config import format_help
     from ds_realloc.utils.dist import under_launcher
 
-    experiment = _training_commands()[command]
     if "--help" in args or "-h" in args:
-        print(f"ds-realloc {command}: {experiment.summary}\n\n"
-              f"usage: ds-realloc {command} [CONFIG.yaml] [key=value ...] [--resume] [--deepspeed_config FILE]\n\n"
-              f"config fields:\n{format_help(experiment.config_cls)}")
+        print(f"ds-realloc {name}: {command.summary}\n\n"
+              f"usage: ds-realloc {name} [CONFIG.yaml] [key=value | --key value ...]\n\n"
+              f"config fields:\n{format_help(command.config_cls)}")
         return 0
-    cfg = parse_run_args(experiment.config_cls, args)
+    cfg = parse_run_args(command.config_cls, args)
     if under_launcher():
-        from ds_realloc.dataflow.runner import run_experiment
-
-        run_experiment(experiment, cfg)
+        command.run(cfg)
         return 0
-    from ds_realloc.dataflow.config import check_world_fit
-    from ds_realloc.models.presets import resolve_model_path
-
-    nprocs = cfg.launch.resolved_nprocs()
-    check_world_fit(cfg.train, nprocs)
-    for spec in experiment.roles(cfg):
-        resolve_model_path(spec.path, spec.path_field)  # fail fast, and build presets once for all ranks
-    return launch_workers(nprocs, [command, *args])
+    launch = getattr(cfg, "launch", cfg)
+    nprocs = launch.resolved_nprocs()
+    command.prepare(cfg, nprocs)
+    return launch_workers(nprocs, [name, *args])
 
 
-BENCHMARKS = {"realloc": ("ds_realloc.bench.realloc", "ReallocBenchConfig")}
+BENCHMARKS = {"realloc": ("ds_realloc.bench.realloc", "ReallocBenchConfig"),
+              "generate": ("ds_realloc.bench.generate", "GenerateBenchConfig")}
 
 
 def _tool_help(name: str, config_cls: type, summary: str) -> None:
@@ -187,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, args = argv[0], argv[1:]
     try:
         if command in commands:
-            code = _run_training(command, args)
+            code = _run_distributed(command, commands[command], args)
         elif command in TOOLS:
             code = TOOLS[command](args)
         else:

@@ -27,3 +27,33 @@ def test_realloc_benchmark_reports_both_and_checks_itself(tmp_path):
     assert report["outputs_equal"] and report["recv_equals_lower_bound"]
     assert report["speedup"] == report["baseline"]["time_s"] / report["ours"]["time_s"]
     assert report["ours"]["recv_bytes_per_rank"] < report["baseline"]["recv_bytes_per_rank"]
+
+
+def test_generate_is_the_same_greedy_text_at_tp2_and_d2(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {n}", "answer": str(n)}) + "\n" for n in range(5)))
+    outputs = {}
+    for name, layout in [("t2", ["--tp", "2"]), ("d2", ["--tp", "1"])]:
+        out = tmp_path / f"{name}.jsonl"
+        result = run_cli(["generate", "--model", "tiny-llama", "--prompts", str(prompts), *layout, "--greedy",
+                          "--max_new_tokens", "12", "--out", str(out)], tmp_path, 300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert outputs["t2"] == outputs["d2"]
+    assert [row["prompt"] for row in outputs["t2"]] == [f"Count to {n}" for n in range(5)]
+    assert all(set(row) == {"prompt", "completion", "token_ids", "answer"} and row["token_ids"] for row in outputs["t2"])
+
+
+def test_generate_reports_layouts_the_model_cannot_take(tmp_path):
+    result = run_cli(["generate", "--tp", "2", "--max_new_tokens", "4"], tmp_path, 300)  # SmolLM2 has 9 heads
+    assert result.returncode != 0 and "tp=2 does not divide" in result.stderr and "9 heads" in result.stderr
+
+
+def test_generation_benchmark_reports_every_row(tmp_path):
+    result = run_cli(["bench", "generate", "model=tiny-llama", "batch_size=4", "new_tokens=8", "--json"], tmp_path, 300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    for row in ("zero3_hf_generate", "ours_d2", "ours_t2"):
+        assert report[row]["generated_tokens"] == 4 * 8 and report[row]["tokens_per_s"] > 0
+        assert {"tokens_per_s", "peak_mem_bytes", "realloc_s"} <= set(report[row])
+    assert report["speedup_t2"] == report["ours_t2"]["tokens_per_s"] / report["zero3_hf_generate"]["tokens_per_s"]

@@ -1,0 +1,148 @@
+"""Generation from a ZeRO-3 model: ours against DeepSpeed ZeRO-3 + HF generate.
+
+`ds-realloc bench generate`: the same model, prompts, batch and lengths, each row in fresh processes
+of one run: (a) `zero3_hf_generate`, a DeepSpeed ZeRO-3 engine and HF `generate` (every layer's
+parameters all-gathered at every decoding step, what users get without a hybrid engine); (b)
+`ours_d2`, the hybrid engine reallocating zero3:d<n> -> d<n> (each rank a replica with its share
+of the prompts); (c) `ours_t2`, -> t<n> (all prompts on one tensor-parallel group). Tokens per
+second count the reallocation too (min = max new tokens, so every row generates the same tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from ds_realloc.utils.config import invalid, option
+
+
+@dataclass
+class GenerateBenchConfig:
+    model: str = option("llama-100m", "a preset or HF folder")
+    nprocs: int = option(2, "processes (the d / t degree of ours)")
+    batch_size: int = option(16, "prompts in the batch (split between data-parallel ranks)")
+    new_tokens: int = option(64, "tokens generated per prompt")
+    min_prompt_len: int = option(16, "shortest prompt (lengths vary between this and max_prompt_len)")
+    max_prompt_len: int = option(48, "longest prompt")
+    dtype: Literal["fp32", "bf16"] = option("fp32", "parameter dtype")
+    timeout_s: float = option(1800.0, "give up after this many seconds")
+
+    def validate(self) -> None:
+        if self.batch_size % self.nprocs:
+            raise invalid("batch_size", f"must be divisible by nprocs={self.nprocs}")
+        if not 1 <= self.min_prompt_len <= self.max_prompt_len:
+            raise invalid("min_prompt_len", "must be within [1, max_prompt_len]")
+
+
+ROWS = ("zero3_hf_generate", "ours_d2", "ours_t2")
+
+
+def _prompts(cfg: GenerateBenchConfig, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    span = cfg.max_prompt_len - cfg.min_prompt_len + 1
+    lengths = [cfg.min_prompt_len + (i * 7) % span for i in range(cfg.batch_size)]
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _hf_generate(module, prompts: list[list[int]], cfg: GenerateBenchConfig, pad: int) -> int:
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):], mask[i, longest - len(p):] = torch.tensor(p), 1
+    config = HFGenerationConfig(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
+                                pad_token_id=pad, eos_token_id=pad, use_cache=True)
+    device = next(module.parameters()).device
+    out = module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                          synced_gpus=True)
+    return (out.shape[1] - longest) * len(prompts)
+
+
+def _bench_rank(rank: int, world: int, cfg_dict: dict, row: str) -> dict:
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from ds_realloc.engine.config import EngineConfig, OptimConfig
+    from ds_realloc.engine.ds_config import BatchGeometry, frozen_ds_config, torch_dtype, train_ds_config
+    from ds_realloc.engine.factory import build_frozen_model
+    from ds_realloc.engine.hybrid import HybridEngine
+    from ds_realloc.layout.mesh import DeviceMesh, Strategy
+    from ds_realloc.models.generate import GenerationConfig
+    from ds_realloc.models.presets import resolve_model_path
+    from ds_realloc.utils.memory import PeakMemory
+
+    cfg = GenerateBenchConfig(**cfg_dict)
+    path = resolve_model_path(cfg.model, field="model")
+    hf_config = AutoConfig.from_pretrained(path)
+    train = train_ds_config(EngineConfig(zero_stage=3, dtype=cfg.dtype), OptimConfig(), BatchGeometry(1, 1, world), 1)
+    frozen = build_frozen_model(path, "lm", frozen_ds_config(train, offload=False), offload=False)
+    prompts = _prompts(cfg, hf_config.vocab_size)
+    pad = hf_config.pad_token_id
+    mesh = DeviceMesh(tuple(range(world)))
+    realloc_s = 0.0
+    dist.barrier()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        if row == "zero3_hf_generate":
+            tokens = _hf_generate(frozen.module, prompts[rank::world], cfg, pad)
+        else:
+            hybrid = HybridEngine(frozen.module, hf_config, False, mesh, torch_dtype(train))
+            strategy = Strategy(dp=world) if row == "ours_d2" else Strategy(tp=world)
+            mine = prompts[rank::world] if row == "ours_d2" else prompts
+            model = hybrid.model_on(hybrid.layout(mesh, strategy))
+            realloc_s = time.perf_counter() - start
+            from ds_realloc.models.generate import generate
+
+            out = generate(model, mine, GenerationConfig(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                                                         greedy=True), [pad], pad)
+            tokens = int(out.mask.sum()) if row == "ours_d2" or rank == 0 else 0
+        dist.barrier()
+        elapsed = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": elapsed, "peak_mem_bytes": memory.bytes, "realloc_s": realloc_s}
+
+
+def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
+    from ds_realloc.models.presets import resolve_model_path
+    from ds_realloc.utils.spawn import run_ranks
+
+    resolve_model_path(cfg.model, field="model")
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    report: dict = {"model": cfg.model, "nprocs": cfg.nprocs, "batch_size": cfg.batch_size,
+                    "new_tokens": cfg.new_tokens, "dtype": cfg.dtype}
+    for row in ROWS:
+        results = run_ranks(_bench_rank, cfg.nprocs, asdict(cfg), row, timeout=cfg.timeout_s, env=env)
+        seconds = max(r["seconds"] for r in results)
+        tokens = sum(r["tokens"] for r in results)
+        report[row] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "generated_tokens": tokens,
+                       "peak_mem_bytes": max(r["peak_mem_bytes"] for r in results),
+                       "realloc_s": max(r["realloc_s"] for r in results)}
+    baseline = report["zero3_hf_generate"]["tokens_per_s"]
+    report["speedup_d2"] = report["ours_d2"]["tokens_per_s"] / baseline
+    report["speedup_t2"] = report["ours_t2"]["tokens_per_s"] / baseline
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"generation, {report['model']}, batch {report['batch_size']}, {report['new_tokens']} new tokens, "
+             f"{report['nprocs']} processes, {report['dtype']}"]
+    for row in ROWS:
+        r = report[row]
+        lines.append(f"  {row:<18} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.2f} s  peak "
+                     f"{r['peak_mem_bytes'] / 2**20:8.1f} MiB  realloc {r['realloc_s']:.3f} s")
+    lines.append(f"  speedup d2 {report['speedup_d2']:.2f}x, t2 {report['speedup_t2']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(args: list[str]) -> int:
+    from ds_realloc.utils.config import load_config
+
+    cfg = load_config(GenerateBenchConfig, None, [a for a in args if a != "--json"])
+    report = run_generate_bench(cfg)
+    print(json.dumps(report, indent=2) if "--json" in args else format_report(report))
+    return 0
