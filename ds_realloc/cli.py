@@ -24,6 +24,7 @@ tools:
   prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
   plan-stats [key=value ...]  traffic of a reallocation plan for any model size and layouts (no processes)
   bench <name> [key=value ...] [--json]   benchmarks against a named baseline: {benchmarks}
+  ops [--json]                the op_builder kernels: compatible here, built, loaded, from where
 
 `ds-realloc <command> --help` lists every config field with its type, default and meaning."""
 
@@ -40,12 +41,9 @@ class DistributedCommand:
 
 def _experiment_command(experiment) -> DistributedCommand:
     def prepare(cfg, nprocs: int) -> None:
-        from ds_realloc.dataflow.config import check_world_fit
-        from ds_realloc.models.presets import resolve_model_path
+        from ds_realloc.dataflow.runner import plan_run
 
-        check_world_fit(cfg.train, nprocs)
-        for spec in experiment.roles(cfg):
-            resolve_model_path(spec.path, spec.path_field)
+        plan_run(experiment, cfg, nprocs)
 
     def run(cfg):
         from ds_realloc.dataflow.runner import run_experiment
@@ -69,9 +67,9 @@ def _generate_command() -> DistributedCommand:
 
 
 def _training_commands() -> dict[str, DistributedCommand]:
-    from ds_realloc.dataflow.experiments import EXPERIMENTS
+    from ds_realloc.dataflow.experiments import all_experiments
 
-    commands = {name: _experiment_command(e) for name, e in EXPERIMENTS.items()}
+    commands = {name: _experiment_command(e) for name, e in all_experiments().items()}
     commands["generate"] = _generate_command()
     return commands
 
@@ -142,7 +140,9 @@ def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]
 
 
 BENCHMARKS = {"realloc": ("ds_realloc.bench.realloc", "ReallocBenchConfig"),
-              "generate": ("ds_realloc.bench.generate", "GenerateBenchConfig")}
+              "generate": ("ds_realloc.bench.generate", "GenerateBenchConfig"),
+              "rlhf": ("ds_realloc.bench.rlhf", "RLHFBenchConfig"),
+              "ops": ("ds_realloc.bench.ops", "OpsBenchConfig")}
 
 
 def _tool_help(name: str, config_cls: type, summary: str) -> None:
@@ -200,7 +200,25 @@ def _prepare_model(args: Sequence[str]) -> int:
     return 0
 
 
-TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "bench": _bench}
+def _ops(args: Sequence[str]) -> int:
+    """`ds-realloc ops [--json]`: every kernel, like DeepSpeed's ds_report (building the compatible ones)."""
+    import json
+
+    from ds_realloc.ops import op_report
+
+    rows = op_report()
+    if "--json" in args:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'op':<15}{'device':<8}{'compatible':<12}{'built':<7}{'loaded':<8}path / error")
+    for r in rows:
+        where = r["path"] or r["error"] or ("DS_REALLOC_DISABLE_OPS=1" if r["disabled"] else "")
+        print(f"{r['op']:<15}{r['device']:<8}{str(r['compatible']):<12}{str(r['built']):<7}{str(r['loaded']):<8}"
+              f"{where}")
+    return 0
+
+
+TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "bench": _bench, "ops": _ops}
 
 
 def _without_local_rank(argv: list[str]) -> list[str]:

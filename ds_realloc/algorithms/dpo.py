@@ -26,10 +26,14 @@ class DPOInterface:
         return chosen, rejected, float(t["attention_mask"].sum())
 
     @torch.no_grad()
-    def inference(self, model, batch: Batch) -> Batch:
+    def inference(self, call, batch: Batch) -> Batch:
+        """Reference log-probs of every pair, from the reference model on this MFC's layout."""
         chosen, rejected = [], []
         for rows in micro_slices(len(batch["pair"]), self.micro_batch_size):
-            c, r, _ = self._logps(model, batch["pair"][rows])
+            t = padded_pairs(batch["pair"][rows], self.pad_id, torch.device("cpu"))
+            logprobs = call.logprobs(t["input_ids"], t["attention_mask"]).float().cpu()
+            sums = (logprobs * t["loss_mask"][:, 1:]).sum(-1)
+            c, r = sums.chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()
         return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}

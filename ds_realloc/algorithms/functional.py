@@ -19,12 +19,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | ...) from logits[:, t]: [batch, seq-1], computed in fp32 without
-    materialising a second [batch, seq, vocab] tensor (gather minus logsumexp)."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, entropy: bool = False):
+    """log p(input_ids[:, t+1] | ...) from logits[:, t]: [batch, seq-1], in fp32 by the fused
+    log-probs kernel (no [batch, seq, vocab] fp32 log-softmax; `ds_realloc.ops.token_logprobs`).
+    With `entropy`, returns (logprobs, entropy per position) instead. The logits are a loss's
+    LM-head output, used once: their gradient is written over them."""
+    from ds_realloc import ops
+
+    # the last position predicts nothing: a dummy target there avoids copying logits[:, :-1]
+    targets = torch.cat([input_ids[:, 1:], input_ids.new_zeros(input_ids.shape[0], 1)], dim=1)
+    logprobs, entropies = ops.token_logprobs(logits, targets.to(logits.device), entropy,
+                                             inplace_grad=logits.requires_grad and not logits.is_leaf)
+    if entropy:
+        return logprobs[:, :-1], entropies[:, :-1]
+    return logprobs[:, :-1]
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -49,3 +57,184 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_rewards = beta * (policy_chosen - ref_chosen)
     rejected_rewards = beta * (policy_rejected - ref_rejected)
     return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reinforcement learning. Sequences are packed: the actions (completion tokens) of sequence i are
+# positions cu_seqlens[i]:cu_seqlens[i+1] of a 1-D tensor. Values carry one extra entry per
+# sequence: v_0..v_n, the values of the states before each of its n actions and after the last.
+
+
+def gae_packed(rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor, truncated: torch.Tensor,
+               gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over packed sequences; returns (advantages, returns), both [N].
+
+    `values` holds each sequence's n + 1 state values. A sequence that ended (EOS) has a terminal
+    value of 0 after its last action; a truncated one (length limit) bootstraps from its last
+    value v_n. The op_builder kernel when available, else its vectorised torch reference."""
+    from ds_realloc import ops
+
+    return ops.gae(rewards, values, cu_seqlens, truncated, gamma, lam)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
+           group=None) -> torch.Tensor:
+    """(x - mean) / std over the valid entries (and over the ranks of `group` when given)."""
+    import torch.distributed as dist
+
+    mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    stats = torch.stack([(values * mask).sum(), (values * values * mask).sum(), mask.sum()])
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    mean = stats[0] / stats[2].clamp(min=1)
+    var = (stats[1] / stats[2].clamp(min=1) - mean * mean).clamp(min=0)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimates from sampled tokens: k1 = log pi - log ref; k3 = r - 1 - log r
+    with r = ref / pi (unbiased, always >= 0; Schulman 2020)."""
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{kind}' (k1 or k3)")
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, cu_seqlens: torch.Tensor, kl_coef: float,
+                  clip: float | None = None, scale: float = 1.0, bias: float = 0.0) -> torch.Tensor:
+    """Per-token rewards [N]: -kl_coef * KL on every action, plus the sequence score
+    (clip((score - bias) * scale)) on its last action."""
+    rewards = -kl_coef * kl
+    scores = (scores - bias) * scale
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    last = cu_seqlens[1:] - 1
+    rewards = rewards.clone()
+    rewards[last] += scores.to(rewards.dtype)
+    return rewards
+
+
+class FixedKLController:
+    def __init__(self, coef: float):
+        self.value = coef
+
+    def update(self, kl: float, steps: int) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * steps / horizon."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        super().__init__(coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, kl: float, steps: int) -> None:
+        error = max(-0.2, min(0.2, kl / self.target - 1.0))
+        self.value *= 1.0 + error * steps / self.horizon
+
+
+class RunningMeanStd:
+    """Running statistics of the returns for value normalisation: exponential (`beta` < 1) or the
+    exact moving average over everything seen (`beta` = None)."""
+
+    def __init__(self, beta: float | None = 0.99, eps: float = 1e-5):
+        self.beta, self.eps = beta, eps
+        self.mean, self.mean_sq, self.count = 0.0, 1.0, 0.0
+
+    def update(self, values: torch.Tensor, group=None) -> None:
+        import torch.distributed as dist
+
+        stats = torch.tensor([values.sum().item(), (values * values).sum().item(), float(values.numel())],
+                             dtype=torch.float64)
+        if group is not None:
+            dist.all_reduce(stats, group=group)
+        total, total_sq, n = stats.tolist()
+        if n == 0:
+            return
+        if self.beta is None:
+            weight = n / (self.count + n)
+        else:
+            weight = 1.0 if self.count == 0 else 1.0 - self.beta
+        self.mean += weight * (total / n - self.mean)
+        self.mean_sq += weight * (total_sq / n - self.mean_sq)
+        self.count += n
+
+    @property
+    def std(self) -> float:
+        return max(self.mean_sq - self.mean**2, 0.0) ** 0.5 + self.eps
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+    def denormalize(self, values: torch.Tensor) -> torch.Tensor:
+        return values * self.std + self.mean
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "mean_sq": self.mean_sq, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.mean_sq, self.count = state["mean"], state["mean_sq"], state["count"]
+
+
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Token-mean (every action weighs the same), sequence-mean (every sequence weighs the same) or
+    token-sum / constant (Dr. GRPO: `mode` = "token-sum", normalised by the mask's width)."""
+    mask = mask.to(losses.dtype)
+    if mode == "token-mean":
+        return (losses * mask).sum() / mask.sum().clamp(min=1)
+    if mode == "seq-mean":
+        return ((losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if mode == "token-sum":
+        return (losses * mask).sum() / (mask.shape[0] * mask.shape[-1])
+    raise ValueError(f"unknown loss aggregation '{mode}'")
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float, mode: str = "token-mean") -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate loss max(-A r, -A clip(r, 1-eps, 1+eps)) with r = pi / pi_old; also the
+    clipped fraction and the approximate KL to the old policy."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    with torch.no_grad():
+        clipped = masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
+        approx_kl = masked_mean(0.5 * log_ratio * log_ratio, mask)
+        mean_ratio = masked_mean(ratio, mask)
+    return aggregate(losses, mask, mode), {"clip_fraction": clipped, "approx_kl": approx_kl, "ratio": mean_ratio}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None, mode: str = "token-mean") -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2), or the plain squared error."""
+    losses = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        losses = torch.max(losses, (clipped - returns) ** 2)
+    return 0.5 * aggregate(losses, mask, mode)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (r - mean of its group) / (std of its group + eps); Dr. GRPO (`scale`=False): no division.
+    Groups are consecutive runs of `group_size` samples of one prompt."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(-1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: r_i minus the mean reward of the other samples of its prompt."""
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)

@@ -45,12 +45,16 @@ def add_metric(metrics: Metrics, name: str, total: float, count: float | None) -
 def train_micro_batches(engine, batch_len: int, micro_batch_size: int,
                         loss_of: Callable[[slice, Metrics], tuple[torch.Tensor, float]]) -> Metrics:
     """One optimizer step over a batch in micro-batches: `loss_of(rows, metrics)` returns the loss of
-    the rows (and adds its metrics) and the number of tokens it processed; DeepSpeed accumulates
-    gradients until its accumulation boundary."""
+    the rows (and adds its metrics) and the number of tokens it processed. The accumulation boundary
+    is the batch's last micro-batch, whatever the engine's configured accumulation count (RAFT, PPO
+    minibatches and evaluation padding train on fewer rows than a step's), and each micro-batch's
+    loss counts 1 / (number of micro-batches)."""
     metrics: Metrics = {}
-    for rows in micro_slices(batch_len, micro_batch_size):
+    slices = micro_slices(batch_len, micro_batch_size)
+    for i, rows in enumerate(slices):
+        engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
         loss, tokens = loss_of(rows, metrics)
-        engine.backward(loss)
+        engine.backward(loss / len(slices), scale_wrt_gas=False)
         engine.step()
         add_metric(metrics, "tokens", tokens, None)
     return metrics

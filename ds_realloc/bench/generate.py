@@ -10,13 +10,13 @@ second count the reallocation too (min = max new tokens, so every row generates 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 
+from ds_realloc.bench import bench_main
 from ds_realloc.utils.config import invalid, option
 
 
@@ -140,9 +140,4 @@ def format_report(report: dict) -> str:
 
 
 def main(args: list[str]) -> int:
-    from ds_realloc.utils.config import load_config
-
-    cfg = load_config(GenerateBenchConfig, None, [a for a in args if a != "--json"])
-    report = run_generate_bench(cfg)
-    print(json.dumps(report, indent=2) if "--json" in args else format_report(report))
-    return 0
+    return bench_main(args, GenerateBenchConfig, run_generate_bench, format_report)

@@ -7,7 +7,6 @@ fresh processes of one run. Prints the times, peak memory, bytes received and th
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from ds_realloc.bench import bench_main
 from ds_realloc.utils.config import invalid, option
 from ds_realloc.utils.errors import ConfigError
 
@@ -198,10 +198,4 @@ def format_report(report: dict) -> str:
 
 
 def main(args: list[str]) -> int:
-    from ds_realloc.utils.config import load_config
-
-    as_json = "--json" in args
-    cfg = load_config(ReallocBenchConfig, None, [a for a in args if a != "--json"])
-    report = run_realloc_bench(cfg)
-    print(json.dumps(report, indent=2) if as_json else format_report(report))
-    return 0
+    return bench_main(args, ReallocBenchConfig, run_realloc_bench, format_report)

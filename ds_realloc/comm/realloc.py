@@ -6,13 +6,15 @@ of an earlier reallocation. Destinations are fresh buffers, or existing ones (`t
 another model's ZeRO-3 partitions) written in place or blended: dst = eta*src + (1-eta)*dst.
 
 Work goes bucket by bucket (one pipeline unit, i.e. one layer, per bucket): a rank packs what each
-peer needs into one contiguous send buffer per peer (one strided copy per piece), posts all its
+peer needs into one contiguous send buffer per peer (the op_builder interval-copy kernel gathers
+every span of a parameter in one call; without it, one strided copy per piece), posts all its
 sends and receives of the bucket as one P2P batch, does its local copies meanwhile, then unpacks.
 Memory above `sources + destination shards` is one bucket's send and receive buffers.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds_realloc import ops
 from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.plan import ReallocPlan, Transfer
 from ds_realloc.layout.runs import Piece
@@ -55,10 +58,30 @@ def check_zero3_layout(model: nn.Module, layout: Layout, rank: int) -> None:
                               f"of size {sizes.get(name)}")
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _intervals(transfer: Transfer, source_side: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths) of every span of a transfer's pieces, on its source or destination buffer."""
+    starts = [torch.arange(p.count, dtype=torch.int64) * (p.src_stride if source_side else p.dst_stride)
+              + (p.src if source_side else p.dst) for p in transfer.pieces]
+    lengths = [torch.full((p.count,), p.length, dtype=torch.int64) for p in transfer.pieces]
+    return torch.cat(starts), torch.cat(lengths)
+
+
+def _interval_kernel(a: torch.Tensor, b: torch.Tensor):
+    """The interval-copy kernel for copies between `a` and `b`, when it can do them (same dtype and device)."""
+    if a.dtype != b.dtype or a.device != b.device or not (a.is_contiguous() and b.is_contiguous()):
+        return None
+    return ops.kernel("interval_copy", a.device.type) if a.device.type in ("cpu", "cuda") else None
+
+
 def _pack(transfers: list[Transfer], sources: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
     position = 0
     for transfer in transfers:
         source = sources[transfer.src_buffer]
+        if _interval_kernel(source, out) is not None:  # all spans of the parameter in one call
+            ops.interval_gather(source, *_intervals(transfer, True), out[position:position + transfer.numel])
+            position += transfer.numel
+            continue
         for p in transfer.pieces:
             n = p.length * p.count
             out[position:position + n].view(p.count, p.length).copy_(
@@ -79,6 +102,10 @@ def _unpack(transfers: list[Transfer], received: torch.Tensor, out: Mapping[str,
     position = 0
     for transfer in transfers:
         target = out[transfer.dst_buffer]
+        if ema is None and _interval_kernel(target, received) is not None:
+            ops.interval_scatter(target, *_intervals(transfer, False), received[position:position + transfer.numel])
+            position += transfer.numel
+            continue
         for p in transfer.pieces:
             n = p.length * p.count
             _write(target, p, received[position:position + n].view(p.count, p.length), ema)

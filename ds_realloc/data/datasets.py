@@ -39,6 +39,7 @@ class PromptSample:
     prompt: str
     prompt_ids: tuple[int, ...]
     answer: str | None  # reference answer for verifiable rewards and evaluation
+    fields: tuple[tuple[str, object], ...] = ()  # the record's other fields, passed to reward functions
 
 
 class ChatFormatter:
@@ -123,7 +124,8 @@ def _prompt_sample(record: Record, fmt: ChatFormatter, max_len: int) -> PromptSa
     ids = fmt.prompt_ids(prompt)
     if len(ids) > max_len:
         raise DataError(f"{record.source}: prompt has {len(ids)} tokens, more than data.max_prompt_len={max_len}")
-    return PromptSample(prompt, tuple(ids), record.text("answer", optional=True))
+    extra = tuple((k, v) for k, v in record.fields.items() if k not in ("prompt", "answer"))
+    return PromptSample(prompt, tuple(ids), record.text("answer", optional=True), extra)
 
 
 _BUILDERS = {"sft": _sft_sample, "pairs": _pair_sample, "prompts": _prompt_sample}

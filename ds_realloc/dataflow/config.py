@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_realloc.dataflow.allocation import AllocationConfig
 from ds_realloc.engine.config import EngineConfig, OptimConfig
 from ds_realloc.models.presets import EMBEDDED_DEFAULT
 from ds_realloc.utils.config import invalid, option
-from ds_realloc.utils.errors import ConfigError
 
 
 @dataclass
@@ -24,6 +24,7 @@ class DataConfig:
     eval: str = option("builtin:arith", "held-out data: a JSONL file, builtin:<task> (its held-out split), "
                                         "or '' for none")
     max_seq_len: int = option(512, "longest sample in tokens (prompt + answer); longer ones are errors")
+    max_prompt_len: int = option(256, "longest prompt in tokens (prompt datasets of RL commands)")
     chat_template: bool = option(True, "format prompts with the tokenizer's chat template")
     skip_bad_samples: bool = option(False, "skip malformed, incomplete or over-long records (counted and logged) "
                                            "instead of stopping")
@@ -83,6 +84,10 @@ class RunConfig:
     """Fields shared by every training command."""
 
     model: ModelConfig = option(ModelConfig(), "the trained model")
+    allocation: str = option("", "one d<dp>t<tp> strategy for every generate / inference call, on all ranks "
+                                 "('' = one replica per rank)")
+    allocations: dict[str, AllocationConfig] = option({}, "per model function call: {mesh, strategy}, e.g. "
+                                                          "allocations.actor_gen.strategy=d1t2")
     data: DataConfig = option(DataConfig(), "datasets")
     engine: EngineConfig = option(EngineConfig(), "DeepSpeed ZeRO settings")
     optim: OptimConfig = option(OptimConfig(), "optimizer and learning-rate schedule")
@@ -90,13 +95,3 @@ class RunConfig:
     output: OutputConfig = option(OutputConfig(), "where results go")
     launch: LaunchConfig = option(LaunchConfig(), "process launch")
 
-
-def check_world_fit(train: TrainConfig, world_size: int) -> int:
-    """Gradient-accumulation steps for this world size, or a ConfigError naming the fields that clash."""
-    per_step = train.micro_batch_size * world_size
-    if train.batch_size % per_step:
-        raise ConfigError(
-            f"train.batch_size={train.batch_size} is not divisible by train.micro_batch_size="
-            f"{train.micro_batch_size} x {world_size} data-parallel ranks (world size); "
-            f"use a batch size that is a multiple of {per_step} or change the number of processes")
-    return train.batch_size // per_step

@@ -5,8 +5,8 @@ Adding an algorithm means adding an entry here (its MFCs and interfaces); the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 from ds_realloc.algorithms.dpo import DPOInterface
 from ds_realloc.algorithms.rm import RewardModelInterface
@@ -29,6 +29,17 @@ class RoleSpec:
     head: Head
     trainable: bool
     offload: bool = False  # frozen models: keep weights on CPU while idle
+    optim: OptimConfig | None = None  # trained models: the optimizer (default: the config's `optim`)
+
+
+@dataclass(frozen=True)
+class InterfaceContext:
+    """What interfaces are built with besides the config."""
+
+    tokenizer: Any
+    pad_id: int
+    eos_ids: tuple[int, ...]
+    groups: dict[str, Any] = field(default_factory=dict)  # MFC name -> process group of its role's mesh
 
 
 @dataclass(frozen=True)
@@ -38,9 +49,14 @@ class Experiment:
     config_cls: type
     data_format: Format  # record format of the dataset: sft, pairs or prompts
     sample_key: str  # batch key holding the dataset samples
-    mfcs: tuple[MFC, ...]
+    mfcs: Callable[[Any], tuple[MFC, ...]]
     roles: Callable[[Any], list[RoleSpec]]
-    interfaces: Callable[[Any, int], dict[str, Any]]  # (config, pad id) -> interface per MFC name
+    interfaces: Callable[[Any, InterfaceContext], dict[str, Any]]  # interface per MFC name
+    samples_per_prompt: Callable[[Any], int] = lambda cfg: 1
+    optimizer_steps_per_step: Callable[[Any], int] = lambda cfg: 1
+    evaluation: Literal["interfaces", "generation"] = "interfaces"
+    table: tuple[tuple[str, str], ...] = ()  # (label, metric) columns of the per-step table
+    group_train_rows: bool = False  # a training rank must hold all samples of each of its prompts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,9 +74,10 @@ SFT = Experiment(
     config_cls=SFTConfig,
     data_format="sft",
     sample_key="seq",
-    mfcs=(MFC("actor_train", "actor", MFCKind.TRAIN, ("seq",)),),
+    mfcs=lambda cfg: (MFC("actor_train", "actor", MFCKind.TRAIN, ("seq",)),),
     roles=lambda cfg: [RoleSpec("actor", cfg.model.path, "model.path", "lm", trainable=True)],
-    interfaces=lambda cfg, pad: {"actor_train": SFTInterface(cfg.train.micro_batch_size, pad)},
+    interfaces=lambda cfg, ctx: {"actor_train": SFTInterface(cfg.train.micro_batch_size, ctx.pad_id)},
+    table=(("loss", "actor/loss"), ("eval_loss", "eval/actor/loss")),
 )
 
 
@@ -79,9 +96,10 @@ RM = Experiment(
     config_cls=RMConfig,
     data_format="pairs",
     sample_key="pair",
-    mfcs=(MFC("reward_train", "reward", MFCKind.TRAIN, ("pair",)),),
+    mfcs=lambda cfg: (MFC("reward_train", "reward", MFCKind.TRAIN, ("pair",)),),
     roles=lambda cfg: [RoleSpec("reward", cfg.model.path, "model.path", "value", trainable=True)],
-    interfaces=lambda cfg, pad: {"reward_train": RewardModelInterface(cfg.train.micro_batch_size, pad)},
+    interfaces=lambda cfg, ctx: {"reward_train": RewardModelInterface(cfg.train.micro_batch_size, ctx.pad_id)},
+    table=(("loss", "reward/loss"), ("accuracy", "reward/accuracy"), ("eval_acc", "eval/reward/accuracy")),
 )
 
 
@@ -93,6 +111,12 @@ RM = Experiment(
 class RefConfig:
     path: str = option("", "the reference model; '' = the same weights as model.path")
     offload: bool = option(True, "keep the reference model's weights on CPU while it is not computing")
+    ema: float = option(0.0, "after every step, ref = ema x actor + (1 - ema) x ref, moved from the actor's "
+                             "partitions by reallocation (0 = a fixed reference)")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ema <= 1.0:
+            raise invalid("ema", f"must be in [0, 1], got {self.ema}")
 
 
 @dataclass
@@ -119,7 +143,7 @@ DPO = Experiment(
     config_cls=DPOConfig,
     data_format="pairs",
     sample_key="pair",
-    mfcs=(
+    mfcs=lambda cfg: (
         MFC("ref_inf", "ref", MFCKind.INFERENCE, ("pair",), _PAIR_LOGPS),
         MFC("actor_train", "actor", MFCKind.TRAIN, ("pair", *_PAIR_LOGPS)),
     ),
@@ -128,9 +152,14 @@ DPO = Experiment(
         RoleSpec("ref", cfg.ref.path or cfg.model.path, "ref.path" if cfg.ref.path else "model.path", "lm",
                  trainable=False, offload=cfg.ref.offload),
     ],
-    interfaces=lambda cfg, pad: dict.fromkeys(("ref_inf", "actor_train"),
-                                              DPOInterface(cfg.train.micro_batch_size, pad, cfg.dpo.beta)),
+    interfaces=lambda cfg, ctx: dict.fromkeys(("ref_inf", "actor_train"),
+                                              DPOInterface(cfg.train.micro_batch_size, ctx.pad_id, cfg.dpo.beta)),
+    table=(("loss", "actor/loss"), ("reward_acc", "actor/reward_accuracy"), ("margin", "actor/reward_margin"),
+           ("eval_acc", "eval/actor/reward_accuracy")),
 )
 
 
-EXPERIMENTS: dict[str, Experiment] = {e.command: e for e in (SFT, RM, DPO)}
+def all_experiments() -> dict[str, Experiment]:
+    from ds_realloc.dataflow.rlhf import RL_EXPERIMENTS
+
+    return {e.command: e for e in (SFT, RM, DPO, *RL_EXPERIMENTS)}

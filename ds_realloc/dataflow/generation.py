@@ -43,7 +43,7 @@ class GenerateConfig(GenerationConfig):
     batch_size: int = option(16, "prompts per generate call of a data-parallel group")
     chat_template: bool = option(True, "format prompts with the tokenizer's chat template")
     max_prompt_len: int = option(1024, "longest prompt in tokens")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "auto = bf16 on GPU, fp32 on CPU")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "auto = bf16 where the GPU or CPU computes it natively, else fp32")
     nprocs: int = option(0, "processes when not under a launcher (0 = one per GPU, or 2 on CPU)")
     dist_timeout_s: float = option(600.0, "seconds a rank waits in a collective before the job fails")
 

@@ -1,4 +1,8 @@
-"""Per-step metrics: reduced exactly across ranks, written by rank 0 to metrics.jsonl and tensorboard."""
+"""Per-step metrics: reduced exactly across ranks, written by rank 0 to metrics.jsonl and tensorboard.
+
+Ranks may hold different metric names (MFCs on disjoint meshes), so every reduction first agrees
+on the union of names.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +17,34 @@ from ds_realloc.algorithms.interface import Metrics
 from ds_realloc.utils.dist import comm_device
 
 
-def reduce_metrics(metrics: Metrics, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Global values of (sum, count) metrics: sum/count over all ranks, or the plain sum when count is None.
-    Every rank of the group must pass the same keys."""
-    names = sorted(metrics)
-    if not names:
+def _union(names: dict[str, bool], group=None) -> dict[str, bool]:
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, names, group=group)
+    merged: dict[str, bool] = {}
+    for part in gathered:
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def reduce_metrics(metrics: Metrics, group=None) -> dict[str, float]:
+    """Global values of (sum, count) metrics: sum/count over all ranks, or the plain sum when count is None."""
+    kinds = _union({name: count is None for name, (_, count) in metrics.items()}, group)
+    if not kinds:
         return {}
-    sums = torch.tensor([[metrics[n][0], metrics[n][1] if metrics[n][1] is not None else math.nan] for n in names],
-                        dtype=torch.float64, device=comm_device())
+    rows = [[metrics.get(name, (0.0, 0.0))[0], 0.0 if is_sum else metrics.get(name, (0.0, 0.0))[1]]
+            for name, is_sum in kinds.items()]
+    sums = torch.tensor(rows, dtype=torch.float64, device=comm_device())
     dist.all_reduce(sums, group=group)
-    return {n: float(s) if math.isnan(c) else float(s) / max(float(c), 1e-12) for n, (s, c) in zip(names, sums.tolist())}
+    return {name: total if is_sum else total / max(count, 1e-12)
+            for (name, is_sum), (total, count) in zip(kinds.items(), sums.tolist())}
 
 
-def reduce_max(values: dict[str, float], group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """The largest value of each key over the ranks (memory peaks, the slowest rank's times)."""
-    names = sorted(values)
+def reduce_max(values: dict[str, float], group=None) -> dict[str, float]:
+    """The largest value of each name over the ranks that have it (peaks, the slowest rank's times)."""
+    names = list(_union({name: False for name in values}, group))
     if not names:
         return {}
-    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=comm_device())
+    tensor = torch.tensor([values.get(n, -math.inf) for n in names], dtype=torch.float64, device=comm_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(names, tensor.tolist()))
 
@@ -44,7 +58,8 @@ class MetricsWriter:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._path = run_dir / "metrics.jsonl"
+        self._jsonl = open(self._path, "a", encoding="utf-8")
         self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -55,6 +70,14 @@ class MetricsWriter:
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the rows of steps after `step` (a resumed run logs them again)."""
+        if not self.enabled:
+            return
+        lines = self._path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self._path.write_text("".join(kept), encoding="utf-8")  # the appending handle goes on at the new end
 
     def close(self) -> None:
         if self.enabled:

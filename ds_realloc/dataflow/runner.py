@@ -1,7 +1,12 @@
 """The SPMD runner: every rank walks the experiment's MFC graph in one fixed order, step by step.
 
-It owns the loop every algorithm shares: data order, evaluation, metrics, DeepSpeed checkpoints
-(`--resume`), the final HF checkpoints and summary.json. Algorithms only supply MFC interfaces.
+For each MFC, every rank (1) moves the rows of the MFC's inputs that its data-parallel group lacks
+from the mesh that produced them, (2) for generate / inference calls, takes part in moving the
+role's weights into the MFC's layout (as a sender, a receiver or both), and (3) if it belongs to
+the MFC's mesh, runs the interface on its rows. MFCs on disjoint meshes therefore run at the
+same time without a scheduler. Evaluation walks the same graph on held-out rows (training calls
+evaluate instead of stepping). The runner also owns what every algorithm shares: data order,
+metrics, DeepSpeed checkpoints (`--resume`), the final HF checkpoints and summary.json.
 """
 
 from __future__ import annotations
@@ -12,70 +17,44 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from ds_realloc.algorithms.interface import Batch, Metrics
+from ds_realloc.algorithms.interface import Metrics, add_metric
+from ds_realloc.algorithms.rollout import GenerateInterface
+from ds_realloc.comm.batches import exchange, route
 from ds_realloc.data.datasets import ChatFormatter, load_records, tokenize_records
-from ds_realloc.data.sampler import StepSampler, eval_shard, micro_batches, rank_slice
-from ds_realloc.dataflow.config import check_world_fit
-from ds_realloc.dataflow.experiments import Experiment, RoleSpec
+from ds_realloc.data.rewards import final_number_matches
+from ds_realloc.data.sampler import StepSampler
+from ds_realloc.dataflow.allocation import Allocation, resolve_allocations
+from ds_realloc.dataflow.experiments import Experiment, InterfaceContext
 from ds_realloc.dataflow.metrics import MetricsWriter, reduce_max, reduce_metrics
-from ds_realloc.dataflow.mfc import MFC, MFCKind, topological_order
+from ds_realloc.dataflow.mfc import MFC, MFCKind, dataset_keys, topological_order
+from ds_realloc.dataflow.roles import Role, build_roles
 from ds_realloc.engine.checkpoint import load_training_state, save_hf_model, save_training_state
-from ds_realloc.engine.ds_config import BatchGeometry, frozen_ds_config, lr_schedule, train_ds_config
-from ds_realloc.engine.factory import build_frozen_model, build_train_engine
+from ds_realloc.layout.model import model_spec
+from ds_realloc.models.generate import GenerationConfig
+from ds_realloc.models.inference import InferenceCall
 from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.utils.config import to_dict
-from ds_realloc.utils.dist import init_distributed
+from ds_realloc.utils.dist import init_distributed, is_peer_failure
+from ds_realloc.utils.errors import ConfigError, PeerLost, UserError
 from ds_realloc.utils.logging import get_logger, setup_logging
 from ds_realloc.utils.memory import memory_stats
 
 logger = get_logger(__name__)
 
 _FRESH_RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "hf")
+_ALWAYS = ("row", "step", "valid")  # keys of every MFC's batch besides its inputs
+
+Store = dict[str, dict[int, Any]]  # key -> row -> value, the rows this rank holds
 
 
 def run_dir(experiment: Experiment, cfg: Any) -> Path:
     return Path(cfg.output.dir or f"runs/{experiment.command}")
-
-
-@dataclass
-class Models:
-    """The engines of a run by role: DeepSpeed training engines and frozen models."""
-
-    trained: dict[str, Any] = field(default_factory=dict)
-    frozen: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, role: str):
-        return self.trained[role] if role in self.trained else self.frozen[role]
-
-
-def _build_models(roles: list[RoleSpec], paths: dict[str, Path], cfg: Any, geometry: BatchGeometry,
-                  total_steps: int, pad_id: int) -> Models:
-    models = Models()
-    train_config = train_ds_config(cfg.engine, cfg.optim, geometry, total_steps)
-    for spec in roles:
-        if spec.trainable:
-            models.trained[spec.role] = build_train_engine(
-                paths[spec.role], spec.head, train_config, lr_schedule(cfg.optim, total_steps),
-                cfg.engine.gradient_checkpointing, pad_id)
-    for spec in roles:
-        if not spec.trainable:
-            models.frozen[spec.role] = build_frozen_model(
-                paths[spec.role], spec.head, frozen_ds_config(train_config, spec.offload), spec.offload, pad_id)
-    return models
-
-
-def _run_mfc(mfc: MFC, model, interface, batch: Batch) -> tuple[Batch, Metrics]:
-    if mfc.kind is MFCKind.TRAIN:
-        return {}, interface.train_step(model, batch)
-    with model.resident() if hasattr(model, "resident") else contextlib.nullcontext():
-        return interface.inference(model, batch), {}
 
 
 def _sync() -> None:
@@ -90,14 +69,16 @@ class Run:
     experiment: Experiment
     cfg: Any
     rank: int
-    world: int
     out: Path
     tokenizer: Any
+    context: InterfaceContext
     train_set: list
     eval_set: list
     sampler: StepSampler
     total_steps: int
-    models: Models
+    rows: int  # samples per step (prompts x samples per prompt)
+    roles: dict[str, Role]
+    allocations: dict[str, Allocation]
     interfaces: dict[str, Any]
     order: list[MFC]
     writer: MetricsWriter
@@ -105,85 +86,273 @@ class Run:
     eval_before: dict[str, float] = field(default_factory=dict)
     elapsed_before_s: float = 0.0
     mfc_seconds: dict[str, list[float]] = field(default_factory=dict)
+    doing: str = "start-up"  # what this rank is busy with, for the error when a peer dies
 
-    # -- one step ------------------------------------------------------------------------------
+    # -- one MFC -------------------------------------------------------------------------------------
 
-    def _batch(self, samples: list, valid: list[bool] | None = None) -> Batch:
-        batch: Batch = {self.experiment.sample_key: samples}
-        if valid is not None:
-            batch["valid"] = valid
-        return batch
+    def _weights(self, mfc: MFC) -> tuple[InferenceCall | None, dict[str, float]]:
+        """Every rank takes part in moving the role's weights into the MFC's layout (if it has a model)."""
+        role = self.roles.get(mfc.role)
+        if role is None:
+            return None, {}
+        allocation = self.allocations[mfc.name]
+        start = time.perf_counter()
+        kept = None if role.spec.trainable or role.spec.offload else role.version  # frozen, resident: keep
+        model = role.hybrid.model_on(role.hybrid.layout(allocation.mesh, allocation.strategy), kept)
+        element = torch.empty((), dtype=role.hybrid.dtype).element_size()
+        timing = {f"realloc/{mfc.name}_s": time.perf_counter() - start,
+                  f"realloc/{mfc.name}_recv_bytes": float(role.hybrid.last_stats.received_elements * element)}
+        return (InferenceCall(model) if model is not None else None), timing
+
+    @contextlib.contextmanager
+    def _train_states_offloaded(self, mfc: MFC) -> Iterator[None]:
+        """With `rollout.offload_train_states`, this rank's training engines keep only their bf16/fp16
+        partitions on the device while a generate MFC runs (the KV cache gets the memory)."""
+        engines = [role.engine for role in self.roles.values() if role.engine is not None]
+        if mfc.kind is not MFCKind.GENERATE or not getattr(getattr(self.cfg, "rollout", None),
+                                                             "offload_train_states", False):
+            yield
+            return
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+        states = (OffloadStateTypeEnum.optim_states, OffloadStateTypeEnum.hp_params, OffloadStateTypeEnum.lp_grads,
+                  OffloadStateTypeEnum.contiguous_grad_buffer)
+        for engine in engines:
+            engine.offload_states(include=states)
+        try:
+            yield
+        finally:
+            for engine in engines:
+                engine.reload_states()
+
+    def route_inputs(self, mfc: MFC, store: Store, producers: dict[str, str | None], rows: int) -> None:
+        """Move the MFC's input rows from the meshes that produced them to its data-parallel groups."""
+        split = self.allocations[mfc.name].split(rows)
+        for producer in sorted({producers[k] for k in mfc.input_keys if producers.get(k)}):
+            keys = tuple(k for k in mfc.input_keys if producers[k] == producer)
+            exchange(route(self.allocations[producer].split(rows), split), store, keys, store)
+
+    def run_mfc(self, mfc: MFC, store: Store, rows: int, interface: Any,
+                evaluating: bool = False) -> tuple[Metrics, dict[str, float]]:
+        allocation = self.allocations[mfc.name]
+        split = allocation.split(rows)
+        call, timing = (None, {}) if mfc.kind is MFCKind.TRAIN else self._weights(mfc)
+        metrics: Metrics = {}
+        if self.rank in allocation.mesh:
+            begin = time.perf_counter()
+            mine = list(split.rows_of(self.rank))
+            batch = {key: [store[key][r] for r in mine] for key in (*mfc.input_keys, *_ALWAYS)}
+            engine = self.roles[mfc.role].engine if mfc.kind is MFCKind.TRAIN else None
+            if mfc.kind is MFCKind.TRAIN and evaluating:
+                metrics = interface.evaluate(engine, batch)
+            elif mfc.kind is MFCKind.TRAIN:
+                metrics = interface.train_step(engine, batch)
+            else:
+                with self._train_states_offloaded(mfc):
+                    outputs = interface.inference(call, batch)
+                for key, values in outputs.items():
+                    store.setdefault(key, {}).update(zip(mine, values))
+            _sync()
+            timing[f"time/{mfc.name}_s"] = time.perf_counter() - begin
+            if split.groups[split.group_of(self.rank)][0] != self.rank:
+                metrics = {}  # the tensor-parallel ranks of a group report once
+        if mfc.kind is MFCKind.TRAIN and not evaluating:
+            self.roles[mfc.role].version += 1  # on every rank: the role's weights changed
+        return metrics, timing
+
+    def _when(self, evaluating: bool) -> str:
+        return "evaluation" if evaluating else f"step {self.step + 1}"
+
+    def walk(self, mfcs: list[MFC], store: Store, rows: int, interfaces: dict[str, Any],
+             evaluating: bool = False) -> tuple[Metrics, dict[str, float]]:
+        """Run MFCs on a step's rows, wave by wave: a wave is every MFC whose inputs exist. A wave's
+        inputs all move before any of its MFCs runs, so MFCs of one wave on disjoint meshes (PPO's
+        actor and critic training) run at the same time; metrics prefixed by role, timings by MFC."""
+        producers: dict[str, str | None] = {k: None for k in dataset_keys(mfcs)}
+        metrics: Metrics = {}
+        timings: dict[str, float] = {}
+        pending = list(mfcs)
+        while pending:
+            wave = [m for m in pending if set(m.input_keys) <= producers.keys()]
+            for mfc in wave:
+                self.doing = f"moving the inputs of {mfc.name} ({self._when(evaluating)})"
+                self.route_inputs(mfc, store, producers, rows)
+            for mfc in wave:
+                self.doing = f"{mfc.name} ({self._when(evaluating)})"
+                mfc_metrics, timing = self.run_mfc(mfc, store, rows, interfaces[mfc.name], evaluating)
+                prefix = f"eval/{mfc.role}/" if evaluating else f"{mfc.role}/"
+                for name, value in mfc_metrics.items():
+                    add_metric(metrics, prefix + name, *value)
+                timings.update(timing)
+            producers.update({key: mfc.name for mfc in wave for key in mfc.output_keys})
+            pending = [m for m in pending if m not in wave]
+        return metrics, timings
+
+    def _store(self, samples: list, per_sample: int, valid: int | None = None) -> Store:
+        """Rows of dataset samples (`per_sample` rows each); every rank holds the dataset keys of every row."""
+        rows = len(samples) * per_sample
+        valid = rows if valid is None else valid
+        return {self.experiment.sample_key: {r: samples[r // per_sample] for r in range(rows)},
+                "row": {r: r for r in range(rows)}, "step": {r: self.step for r in range(rows)},
+                "valid": {r: r < valid for r in range(rows)}}
+
+    # -- one step ------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        indices = rank_slice(self.sampler.global_batch(self.step), self.rank, self.world)
-        batch = self._batch([self.train_set[i] for i in indices])
-        metrics: Metrics = {}
-        times: dict[str, float] = {}
+        per_sample = self.rows // self.cfg.train.batch_size
+        samples = [self.train_set[i] for i in self.sampler.global_batch(self.step)]
         start = time.perf_counter()
-        for mfc in self.order:
-            begin = time.perf_counter()
-            outputs, mfc_metrics = _run_mfc(mfc, self.models[mfc.role], self.interfaces[mfc.name], batch)
-            _sync()
-            times[f"time/{mfc.name}_s"] = time.perf_counter() - begin
-            batch.update(outputs)
-            metrics.update({f"{mfc.role}/{name}": value for name, value in mfc_metrics.items()})
+        metrics, timings = self.walk(self.order, self._store(samples, per_sample), self.rows, self.interfaces)
+        timings.update(self._update_reference())
         step_time = time.perf_counter() - start
+        self.doing = f"the metrics of step {self.step + 1}"
         values = reduce_metrics(metrics)
-        values.update(reduce_max({**times, **memory_stats(), "time/step_s": step_time}))
-        for role, engine in self.models.trained.items():
-            values[f"{role}/lr"] = float(engine.get_lr()[0])
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                values[f"{role}/grad_norm"] = float(grad_norm)
-            tokens = values.pop(f"{role}/tokens", None)
+        extra = {**timings, **memory_stats(), "time/step_s": step_time}
+        for role in self.roles.values():
+            if role.engine is not None:
+                extra[f"{role.spec.role}/lr"] = float(role.engine.get_lr()[0])
+                grad_norm = role.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    extra[f"{role.spec.role}/grad_norm"] = float(grad_norm)
+        values.update(reduce_max(extra))
+        for role_name in self.roles:
+            tokens = values.pop(f"{role_name}/tokens", None)
             if tokens is not None:
-                values[f"{role}/tokens_per_s"] = tokens / values["time/step_s"]
-        for name, seconds in times.items():
-            self.mfc_seconds.setdefault(name.removeprefix("time/").removesuffix("_s"), []).append(seconds)
+                values[f"{role_name}/tokens_per_s"] = tokens / values["time/step_s"]
+        for name, seconds in values.items():
+            if name.startswith("time/") and name != "time/step_s":
+                self.mfc_seconds.setdefault(name.removeprefix("time/").removesuffix("_s"), []).append(seconds)
         return values
 
-    # -- evaluation ----------------------------------------------------------------------------
+    def _reference_moves(self) -> bool:
+        return bool(getattr(getattr(self.cfg, "ref", None), "ema", 0.0)) and "ref" in self.roles
+
+    def _update_reference(self) -> dict[str, float]:
+        """The reference EMA (`ref.ema`): the actor's new weights blended into the reference's partitions."""
+        if not self._reference_moves():
+            return {}
+        ema = self.cfg.ref.ema
+        self.doing = f"the reference EMA of step {self.step + 1}"
+        start = time.perf_counter()
+        actor, ref = self.roles["actor"], self.roles["ref"]
+        stats = actor.hybrid.blend_into(ref.hybrid, ema)
+        ref.version += 1  # on every rank: kept inference copies of the reference are stale
+        element = torch.empty((), dtype=actor.hybrid.dtype).element_size()
+        return {"realloc/ref_ema_s": time.perf_counter() - start,
+                "realloc/ref_ema_recv_bytes": float(stats.received_elements * element)}
+
+    # -- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Metrics of every trained model on the held-out set, after the inference MFCs they need."""
         if not self.eval_set:
             return {}
-        for engine in self.models.trained.values():
-            engine.eval()
-        per_rank = self.cfg.train.batch_size // self.world
+        if self.experiment.evaluation == "generation":
+            return self._evaluate_generation()
+        for role in self.roles.values():
+            if role.engine is not None:
+                role.engine.eval()
         metrics: Metrics = {}
-        for chunk in micro_batches(eval_shard(len(self.eval_set), self.rank, self.world), per_rank):
-            batch = self._batch([self.eval_set[i] for i, _ in chunk], [ok for _, ok in chunk])
-            for mfc in self.order:
-                model, interface = self.models[mfc.role], self.interfaces[mfc.name]
-                if mfc.kind is MFCKind.TRAIN:
-                    for name, value in interface.evaluate(model, batch).items():
-                        total, count = metrics.get(f"eval/{mfc.role}/{name}", (0.0, 0.0))
-                        metrics[f"eval/{mfc.role}/{name}"] = (total + value[0], count + value[1])
-                else:
-                    batch.update(_run_mfc(mfc, model, interface, batch)[0])
-        for engine in self.models.trained.values():
-            engine.train()
+        size = self.cfg.train.batch_size  # rows of a training step: they split over every mesh
+        for first in range(0, len(self.eval_set), size):
+            chunk = self.eval_set[first:first + size]
+            padded = chunk + [chunk[0]] * (size - len(chunk))  # padding rows do not count (valid=False)
+            chunk_metrics, _ = self.walk(self.order, self._store(padded, 1, len(chunk)), size, self.interfaces,
+                                         evaluating=True)
+            for name, value in chunk_metrics.items():
+                add_metric(metrics, name, *value)
+        for role in self.roles.values():
+            if role.engine is not None:
+                role.engine.train()
         return reduce_metrics(metrics)
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    def _evaluate_generation(self) -> dict[str, float]:
+        """Greedy accuracy of the actor on the held-out prompts (final number == answer)."""
+        generate = next(m for m in self.order if m.kind is MFCKind.GENERATE)
+        prompts = self.eval_set[:self.cfg.rollout.eval_prompts or len(self.eval_set)]
+        groups = len(self.allocations[generate.name].dp_groups)
+        rows = -(-len(prompts) // groups) * groups
+        padded = prompts + [prompts[0]] * (rows - len(prompts))
+        greedy = GenerateInterface(GenerationConfig(max_new_tokens=self.cfg.rollout.eval_max_new_tokens, greedy=True),
+                                   self.context.eos_ids, self.context.pad_id)
+        store = self._store(padded, 1, len(prompts))
+        self.walk([generate], store, rows, {generate.name: greedy})
+        metrics: Metrics = {}
+        split = self.allocations[generate.name].split(rows)
+        if self.rank in self.allocations[generate.name].mesh and split.groups[split.group_of(self.rank)][0] == self.rank:
+            mine = [r for r in split.rows_of(self.rank) if store["valid"][r]]
+            texts = [self.tokenizer.decode(store["completion"][r], skip_special_tokens=True) for r in mine]
+            scores = final_number_matches([store["prompt"][r].prompt for r in mine], texts,
+                                          [store["prompt"][r].answer for r in mine])
+            add_metric(metrics, "eval/accuracy", sum(scores), float(len(mine)))
+            add_metric(metrics, "eval/response_length", float(sum(len(store["completion"][r]) for r in mine)),
+                       float(len(mine)))
+        return reduce_metrics(metrics)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
 
     def save_training_state(self, elapsed_s: float) -> None:
-        client_state = {"step": self.step, "eval_before": self.eval_before, "elapsed_s": elapsed_s}
-        for role, engine in self.models.trained.items():
-            save_training_state(engine, self.out / "checkpoints" / role, f"step{self.step}", client_state)
+        """Each trained role's DeepSpeed checkpoint under tag step<N>, then the run's own state
+        (checkpoints/step<N>.json) and `checkpoints/latest`, which names the tag --resume loads."""
+        tag = f"step{self.step}"
+        self.doing = f"saving the checkpoint of step {self.step}"
+        states = {name: i.state_dict() for name, i in self.interfaces.items() if hasattr(i, "state_dict")}
+        for name, role in self.roles.items():
+            if role.engine is not None:
+                save_training_state(role.engine, self.out / "checkpoints" / name, tag, {"interfaces": states})
+        if self._reference_moves():  # the EMA reference is state too: this rank's partitions of it
+            ref = self.roles["ref"]
+            if ref.hybrid.module is not None:
+                folder = self.out / "checkpoints" / "ref" / tag
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.save({n: t.cpu() for n, t in ref.hybrid.sources().items()}, folder / f"rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            state = {"step": self.step, "eval_before": self.eval_before, "elapsed_s": elapsed_s,
+                     "versions": {name: role.version for name, role in self.roles.items()}}
+            (self.out / "checkpoints" / f"{tag}.json").write_text(json.dumps(state))
+            (self.out / "checkpoints" / "latest").write_text(tag)
+        dist.barrier()
 
     def resume(self) -> None:
-        states = [load_training_state(engine, self.out / "checkpoints" / role)
-                  for role, engine in self.models.trained.items()]
-        self.step = states[0]["step"]
-        self.eval_before = states[0]["eval_before"]
-        self.elapsed_before_s = states[0]["elapsed_s"]
+        latest = self.out / "checkpoints" / "latest"
+        if not latest.is_file():
+            raise UserError(f"--resume: {latest} does not exist; is {self.out} a run folder with a checkpoint?")
+        tag = latest.read_text().strip()
+        state = json.loads((self.out / "checkpoints" / f"{tag}.json").read_text())
+        if self._reference_moves() and self.roles["ref"].hybrid.module is not None:
+            saved = torch.load(self.out / "checkpoints" / "ref" / tag / f"rank{self.rank}.pt")
+            for name, tensor in self.roles["ref"].hybrid.sources().items():
+                tensor.copy_(saved[name])
+        for name, role in self.roles.items():
+            role.version = state["versions"][name]
+            if role.engine is not None:
+                client_state = load_training_state(role.engine, self.out / "checkpoints" / name, tag)
+                for mfc_name, interface_state in client_state.get("interfaces", {}).items():
+                    interface = self.interfaces.get(mfc_name)
+                    if interface is not None and hasattr(interface, "load_state_dict"):
+                        interface.load_state_dict(interface_state)
+        self.step, self.eval_before, self.elapsed_before_s = state["step"], state["eval_before"], state["elapsed_s"]
+        self.writer.truncate_after(self.step)
         logger.info("resumed %s at step %d from %s", self.experiment.command, self.step, self.out / "checkpoints")
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Train (or resume), evaluate and save; a dead or hung peer rank stops this rank with an
+        error naming the call it happened in, instead of a hang or a transport traceback."""
+        try:
+            return self._run()
+        except Exception as error:
+            if isinstance(error, UserError) or not is_peer_failure(error):
+                raise
+            checkpoint = self.out / "checkpoints" / "latest"
+            resume = (f"--resume continues from {checkpoint.read_text().strip()}" if checkpoint.is_file() else
+                      "no checkpoint was written yet (train.save_every)")
+            raise PeerLost(f"rank {self.rank} lost contact with another rank during {self.doing}: a rank died or "
+                           f"stopped answering, so this one stops too; {resume}. "
+                           f"({str(error).splitlines()[0][:300]})") from None
+
+    def _run(self) -> dict:
         start = time.perf_counter()
         if self.cfg.output.resume:
             self.resume()
@@ -191,8 +360,7 @@ class Run:
             self.eval_before = self.evaluate()
             self.writer.log(0, self.eval_before)
             logger.info("eval before training: %s", _fmt(self.eval_before))
-        progress = tqdm(total=self.total_steps, initial=self.step, desc=self.experiment.command,
-                        disable=self.rank != 0, dynamic_ncols=True)
+        table = StepTable(self.experiment.table, self.rank == 0)
         eval_after = dict(self.eval_before)
         every_eval, every_save = self.cfg.train.eval_every, self.cfg.train.save_every
         while self.step < self.total_steps:
@@ -203,21 +371,22 @@ class Run:
                 eval_after = self.evaluate()
                 values.update(eval_after)
             self.writer.log(self.step, values)
-            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()
-                                  if k.endswith(("/loss", "accuracy"))}, refresh=False)
-            progress.update()
+            table.row(self.step, self.total_steps, values)
             if (every_save and self.step % every_save == 0) or last:
                 self.save_training_state(self.elapsed_before_s + time.perf_counter() - start)
-        progress.close()
         if self.cfg.output.save_hf:
-            for role, engine in self.models.trained.items():
-                save_hf_model(engine.module, self.tokenizer, self.out / "hf" / role)
+            for name, role in self.roles.items():
+                if role.engine is not None:
+                    save_hf_model(role.engine.module, self.tokenizer, self.out / "hf" / name,
+                                  writer=role.mesh.ranks[0], group=role.group)
+            dist.barrier()
         summary = {
             "command": self.experiment.command,
             "steps": self.step,
             "eval_before": self.eval_before,
             "eval_after": eval_after,
             "wall_s": self.elapsed_before_s + time.perf_counter() - start,
+            "allocations": {a.mfc.name: _placement(a, self.cfg) for a in self.allocations.values()},
             "mean_time_per_mfc_s": {name: sum(t) / len(t) for name, t in self.mfc_seconds.items()},
         }
         if self.rank == 0:
@@ -225,6 +394,29 @@ class Run:
             logger.info("eval after training: %s", _fmt(eval_after))
         self.writer.close()
         return summary
+
+
+class StepTable:
+    """One line per step on rank 0: the experiment's headline metrics and the time of every MFC."""
+
+    def __init__(self, columns: tuple[tuple[str, str], ...], enabled: bool):
+        self.columns, self.enabled, self.header_done = columns, enabled, False
+
+    def row(self, step: int, total: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        times = sorted(k for k in values if k.startswith("time/") and k != "time/step_s")
+        if not self.header_done:
+            names = ["step", *(label for label, _ in self.columns), *(t[5:-2] + "_s" for t in times), "step_s"]
+            logger.info(" | ".join(f"{n:>12}" for n in names))
+            self.header_done = True
+        cells = [f"{step}/{total}", *(_cell(values.get(key)) for _, key in self.columns),
+                 *(_cell(values[t]) for t in times), _cell(values["time/step_s"])]
+        logger.info(" | ".join(f"{c:>12}" for c in cells))
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _fmt(values: dict[str, float]) -> str:
@@ -236,8 +428,8 @@ def _load_split(experiment: Experiment, cfg: Any, formatter: ChatFormatter, spli
     if not spec:
         return []
     records = load_records(spec, split, experiment.data_format)
-    return tokenize_records(records, experiment.data_format, formatter, cfg.data.max_seq_len,
-                            cfg.data.skip_bad_samples)
+    limit = cfg.data.max_prompt_len if experiment.data_format == "prompts" else cfg.data.max_seq_len
+    return tokenize_records(records, experiment.data_format, formatter, limit, cfg.data.skip_bad_samples)
 
 
 def _prepare_run_dir(out: Path, resume: bool, rank: int) -> None:
@@ -254,29 +446,80 @@ def _prepare_run_dir(out: Path, resume: bool, rank: int) -> None:
     dist.barrier()
 
 
+def _eos_ids(tokenizer, roles: dict[str, Role]) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    for role in roles.values():
+        eos = getattr(role.hf_config, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def check_training_rows(cfg: Any, allocations: dict[str, Allocation], rows: int, minibatches: int) -> None:
+    """Every training rank's rows split into whole minibatches of whole micro-batches."""
+    for allocation in allocations.values():
+        if allocation.mfc.kind is not MFCKind.TRAIN:
+            continue
+        per_rank = rows // allocation.mesh.size
+        per_minibatch = per_rank // minibatches
+        micro = min(cfg.train.micro_batch_size, max(per_minibatch, 1))
+        if per_rank % minibatches or per_minibatch % micro:
+            split = f" x {minibatches} algo.minibatches" if minibatches > 1 else ""
+            sequences = f" ({rows} sequences)" if rows != cfg.train.batch_size else ""
+            raise ConfigError(f"allocations.{allocation.mfc.name}: train.batch_size={cfg.train.batch_size}"
+                              f"{sequences} is not divisible by train.micro_batch_size="
+                              f"{cfg.train.micro_batch_size} x {allocation.mesh.size} data-parallel ranks{split}")
+
+
+def _placement(allocation: Allocation, cfg: Any) -> str:
+    """`strategy@[mesh]`; training shows its ZeRO stage."""
+    strategy = allocation.strategy
+    label = f"zero{cfg.engine.zero_stage}:d{allocation.mesh.size}" if allocation.mfc.kind is MFCKind.TRAIN else \
+        f"d{strategy.dp}t{strategy.tp}"
+    return f"{label}@[{allocation.mesh}]"
+
+
+def plan_run(experiment: Experiment, cfg: Any, world: int) -> tuple[dict[str, Allocation], int]:
+    """The allocation of every MFC and the rows per step, validated before any process starts work."""
+    specs = experiment.roles(cfg)
+    paths = {spec.role: resolve_model_path(spec.path, spec.path_field) for spec in specs}
+    models = {s.role: model_spec(AutoConfig.from_pretrained(paths[s.role]), value_head=s.head == "value")
+              for s in specs}
+    per_prompt = experiment.samples_per_prompt(cfg)
+    rows = cfg.train.batch_size * per_prompt
+    allocations = resolve_allocations(topological_order(experiment.mfcs(cfg)), world, cfg.allocation,
+                                      cfg.allocations, models, rows, per_prompt if experiment.group_train_rows else 1)
+    minibatches = experiment.optimizer_steps_per_step(cfg) // getattr(getattr(cfg, "algo", None), "epochs", 1)
+    check_training_rows(cfg, allocations, rows, minibatches)
+    return allocations, rows
+
+
 def run_experiment(experiment: Experiment, cfg: Any) -> dict:
-    """Run a training experiment on this rank (all ranks call this with the same config)."""
+    """Run an experiment on this rank (all ranks call this with the same config)."""
     rank, world = init_distributed(cfg.launch.dist_timeout_s)
     out = run_dir(experiment, cfg)
     setup_logging(rank, out / "logs")
-    grad_accum = check_world_fit(cfg.train, world)
     _prepare_run_dir(out, cfg.output.resume, rank)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.train.seed)
-    roles = experiment.roles(cfg)
-    paths = {spec.role: resolve_model_path(spec.path, spec.path_field) for spec in roles}
-    tokenizer = AutoTokenizer.from_pretrained(paths[roles[0].role])
+    allocations, rows = plan_run(experiment, cfg, world)
+    specs = experiment.roles(cfg)
+    paths = {spec.role: resolve_model_path(spec.path, spec.path_field) for spec in specs}
+    order = [allocation.mfc for allocation in allocations.values()]  # topological
+    steps_per_step = experiment.optimizer_steps_per_step(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(paths[specs[0].role])
     formatter = ChatFormatter(tokenizer, cfg.data.chat_template)
     train_set = _load_split(experiment, cfg, formatter, "train")
     eval_set = _load_split(experiment, cfg, formatter, "eval")
     sampler = StepSampler(len(train_set), cfg.train.batch_size, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
-    logger.info("%s: %d training samples, %d eval samples, %d steps on %d ranks", experiment.command,
-                len(train_set), len(eval_set), total_steps, world)
-    geometry = BatchGeometry(cfg.train.micro_batch_size, grad_accum, world)
-    models = _build_models(roles, paths, cfg, geometry, total_steps, tokenizer.pad_token_id)
-    run = Run(experiment, cfg, rank, world, out, tokenizer, train_set, eval_set, sampler, total_steps, models,
-              experiment.interfaces(cfg, tokenizer.pad_token_id), topological_order(experiment.mfcs),
-              MetricsWriter(out, rank == 0))
+    logger.info("%s: %d training samples, %d eval samples, %d steps of %d rows on %d ranks; %s", experiment.command,
+                len(train_set), len(eval_set), total_steps, rows, world,
+                "; ".join(f"{a.mfc.name} {_placement(a, cfg)}" for a in allocations.values()))
+    roles = build_roles(specs, paths, order, allocations, cfg, rows, total_steps * steps_per_step,
+                        tokenizer.pad_token_id)
+    context = InterfaceContext(tokenizer, tokenizer.pad_token_id, _eos_ids(tokenizer, roles),
+                               {m.name: roles[m.role].group for m in order if m.role in roles})
+    run = Run(experiment, cfg, rank, out, tokenizer, context, train_set, eval_set, sampler, total_steps, rows, roles,
+              allocations, experiment.interfaces(cfg, context), order, MetricsWriter(out, rank == 0))
     return run.run()

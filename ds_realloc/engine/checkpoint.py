@@ -36,9 +36,10 @@ def _full_param_on_writer(param: nn.Parameter, writer: int) -> torch.Tensor | No
 
 
 def save_hf_model(module: nn.Module, tokenizer, out_dir: str | Path, writer: int = 0,
-                  max_shard_bytes: int = 5 * 2**30) -> None:
-    """Save `module` as an HF folder (sharded safetensors, config, tokenizer) from every rank of its
-    group; rank `writer` receives one parameter at a time and writes shards as they fill."""
+                  max_shard_bytes: int = 5 * 2**30, group: dist.ProcessGroup | None = None) -> None:
+    """Save `module` as an HF folder (sharded safetensors, config, tokenizer); every rank of the
+    model's `group` (default: the world) calls it, rank `writer` receives one parameter at a time
+    and writes shards as they fill. Ranks outside the group must not call it."""
     hf = hf_model_of(module)
     is_writer = dist.get_rank() == writer
     shards = ShardedWriter(out_dir, max_shard_bytes) if is_writer else None
@@ -60,7 +61,7 @@ def save_hf_model(module: nn.Module, tokenizer, out_dir: str | Path, writer: int
             hf.generation_config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         logger.info("saved HF checkpoint to %s", out_dir)
-    dist.barrier()
+    dist.barrier(group=group)
 
 
 def save_training_state(engine, checkpoint_dir: str | Path, tag: str, client_state: dict) -> None:
@@ -76,10 +77,10 @@ def save_training_state(engine, checkpoint_dir: str | Path, tag: str, client_sta
         dist.barrier(group=engine.mpu.get_data_parallel_group())
 
 
-def load_training_state(engine, checkpoint_dir: str | Path) -> dict:
-    """Restore the latest DeepSpeed checkpoint in `checkpoint_dir`; returns the client state saved with it."""
+def load_training_state(engine, checkpoint_dir: str | Path, tag: str | None = None) -> dict:
+    """Restore a DeepSpeed checkpoint (`tag`, default: the one `latest` names); returns its client state."""
     with scoped_to(engine.mpu):
-        path, client_state = engine.load_checkpoint(str(checkpoint_dir))
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if path is None:
-        raise UserError(f"--resume: no DeepSpeed checkpoint found in {checkpoint_dir}")
+        raise UserError(f"--resume: no DeepSpeed checkpoint {tag or 'latest'} in {checkpoint_dir}")
     return client_state

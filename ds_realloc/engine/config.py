@@ -14,10 +14,12 @@ class EngineConfig:
     under `accelerate launch`) overrides the DeepSpeed config built from these fields."""
 
     zero_stage: int = option(3, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
-    offload_optimizer: bool = option(False, "keep optimizer states on CPU and step with DeepSpeedCPUAdam (ZeRO-Offload)")
+    offload_optimizer: bool = option(False, "keep optimizer states on CPU and step with DeepSpeedCPUAdam (ZeRO-Offload; "
+                                            "always so on a CPU-only machine with zero_stage >= 1)")
     offload_param: bool = option(False, "keep ZeRO-3 parameter partitions on CPU between uses (stage 3 only)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "training precision; auto = bf16 on GPUs that support it, fp32 on CPU")
+        "auto", "training precision; auto = bf16 where the GPU or CPU (AVX512-BF16 / AMX) computes it natively, "
+                "else fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     deepspeed_config: str | None = option(None, "a DeepSpeed JSON config whose keys override the generated ones")
 

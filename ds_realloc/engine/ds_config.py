@@ -43,8 +43,11 @@ class BatchGeometry:
 
 
 def auto_dtype() -> str:
-    """bf16 on a GPU that supports it, else fp32 (CPU bf16 matmuls are slow and fp16 needs loss scaling)."""
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    """bf16 where the hardware computes it natively (a GPU that supports it, or a CPU whose oneDNN has
+    bf16 kernels: AVX512-BF16 / AMX, where bf16 matmuls run 2-4x faster than fp32), else fp32."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def torch_dtype(ds_config: dict) -> torch.dtype:
@@ -108,6 +111,13 @@ def _offload(device_on: bool) -> dict:
     return {"device": "cpu" if device_on else "none", "pin_memory": torch.cuda.is_available()}
 
 
+def _optimizer_on_cpu(engine: EngineConfig) -> bool:
+    """Whether the optimizer steps with DeepSpeedCPUAdam through ZeRO-Offload: when asked, and on a
+    CPU-only machine with ZeRO >= 1, where the states are in CPU memory anyway and DeepSpeed's
+    vectorised CPU Adam steps ~10x faster than torch's AdamW (the same update; nothing moves)."""
+    return engine.offload_optimizer or (not torch.cuda.is_available() and engine.zero_stage >= 1)
+
+
 def _base_config(engine: EngineConfig, batch: BatchGeometry) -> dict:
     dtype = auto_dtype() if engine.dtype == "auto" else engine.dtype
     return {
@@ -122,7 +132,7 @@ def _base_config(engine: EngineConfig, batch: BatchGeometry) -> dict:
         "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
         "zero_optimization": {
             "stage": engine.zero_stage,
-            "offload_optimizer": _offload(engine.offload_optimizer),
+            "offload_optimizer": _offload(_optimizer_on_cpu(engine)),
             "offload_param": _offload(engine.offload_param),
             "stage3_param_persistence_threshold": 1e4,
             "stage3_max_live_parameters": 3e7,
@@ -158,8 +168,8 @@ def train_ds_config(engine: EngineConfig, optim: OptimConfig, batch: BatchGeomet
     config = _base_config(engine, batch)
     config["gradient_clipping"] = optim.grad_clip
     adam = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps, "weight_decay": optim.weight_decay}
-    if not torch.cuda.is_available() and not engine.offload_optimizer:
-        adam["torch_adam"] = True  # no fused kernel to build on CPU; torch's AdamW is the same update
+    if not torch.cuda.is_available() and not _optimizer_on_cpu(engine):
+        adam["torch_adam"] = True  # ZeRO-0 on CPU: no fused kernel to build; torch's AdamW is the same update
     config["optimizer"] = {"type": "AdamW", "params": adam}
     return _with_external(config, engine, batch)
 
@@ -171,13 +181,16 @@ def lr_schedule(optim: OptimConfig, total_steps: int) -> Callable[[torch.optim.O
                              num_training_steps=max(total_steps, 1), min_lr_rate=optim.min_lr_ratio)
 
 
-def frozen_ds_config(train_config: dict, offload: bool) -> dict:
+def frozen_ds_config(train_config: dict, offload: bool, batch: BatchGeometry | None = None) -> dict:
     """The DeepSpeed config of a frozen model (reference, reward) beside a trained one: ZeRO-3 when
-    training uses it, else plain replicas; parameters kept on CPU between calls when `offload`."""
+    training uses it, else plain replicas; parameters kept on CPU between calls when `offload`.
+    `batch` is the geometry of the frozen model's own mesh when it differs from the trained one's."""
     stage = zero_stage(train_config)
     zero = train_config["zero_optimization"]
+    geometry = ({key: train_config[key] for key in _BATCH_KEYS} if batch is None else
+                dict(zip(_BATCH_KEYS, (batch.train_batch_size, batch.micro_batch_size, batch.grad_accum))))
     return {
-        **{key: train_config[key] for key in (*_BATCH_KEYS, "steps_per_print", "bf16", "fp16")},
+        **{key: train_config[key] for key in ("steps_per_print", "bf16", "fp16")}, **geometry,
         "zero_optimization": {
             "stage": 3 if stage == 3 else 0,
             "offload_param": _offload(offload and stage == 3),

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import deepspeed
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -60,38 +59,21 @@ def scoped_to(mpu: DataParallelMPU) -> Iterator[None]:
 
 class FrozenModel:
     """A no-grad model. Under ZeRO-3 it is a DeepSpeed engine without optimizer whose partitions may
-    live on CPU (`offload_param`); otherwise a replica moved to the device only while `resident()`."""
+    live on CPU (`offload_param`); otherwise a replica, kept on CPU when offloaded. Inference runs on
+    layouts reallocated from these weights (the hybrid engine), which reads them where they are."""
 
     def __init__(self, module: nn.Module, ds_config: dict, offload: bool, mpu: DataParallelMPU):
         module.requires_grad_(False)
         self.zero3 = zero_stage(ds_config) == 3
         self.offload = offload and not self.zero3
-        self.device = comm_device()
         if self.zero3:
             with scoped_to(mpu):
                 self._engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=mpu)
             self.module = self._engine.module
         else:
             self._engine = None
-            self.module = module.to(torch_dtype(ds_config)).to("cpu" if self.offload else self.device)
+            self.module = module.to(torch_dtype(ds_config)).to("cpu" if self.offload else comm_device())
         self.module.eval()
-
-    @contextlib.contextmanager
-    def resident(self) -> Iterator["FrozenModel"]:
-        """The weights on the device for the duration of an MFC; back on CPU afterwards if offloaded."""
-        if self.offload:
-            self.module.to(self.device)
-        try:
-            yield self
-        finally:
-            if self.offload:
-                self.module.to("cpu")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-
-    @torch.no_grad()
-    def __call__(self, **inputs):
-        return (self._engine or self.module)(**inputs)
 
 
 def build_frozen_model(model_dir: Path, head: Head, ds_config: dict, offload: bool,

@@ -2,8 +2,10 @@
 
 `generate`, `logprobs` and `values` reallocate the live ZeRO-3 partitions (read in place, also
 when offloaded) into the requested data x tensor parallel layout on any ranks - the same ranks,
-a subset, or others - run there, and free the copy, or keep it while the weights are unchanged
-(`keep=True`; the version is the optimizer step count). Training is untouched DeepSpeed.
+a subset, or others - run there, and free the copy, or keep it while the weights are unchanged:
+`version` names the weights (e.g. how many training steps the model has had) and must be the same
+on every participating rank, since ranks that only receive cannot see the optimizer.
+Training is untouched DeepSpeed.
 
 Every rank of the source mesh and of the destination layout calls the same method (SPMD); ranks
 outside the destination get None. A data-parallel destination splits the work by the caller:
@@ -12,13 +14,14 @@ each tensor-parallel group passes its own prompts (the same on all of its ranks)
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_realloc.comm.realloc import KeptWeights, check_zero3_layout, reallocate, shaped, zero3_sources
+from ds_realloc.comm.realloc import (KeptWeights, ReallocStats, check_zero3_layout, reallocate, shaped,
+                                     zero3_sources)
 from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.layout.model import model_spec
@@ -31,27 +34,35 @@ from ds_realloc.utils.dist import comm_device, group_of
 from ds_realloc.utils.errors import ConfigError
 
 
+def replica_sources(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole parameters of a replicated model (ZeRO stages 0-2, or a frozen copy), flat, in place."""
+    return {name: param.data.view(-1) for name, param in model.named_parameters()}
+
+
 class HybridEngine:
     def __init__(self, module: nn.Module | None, hf_config, value_head: bool, src_mesh: DeviceMesh,
-                 dtype: torch.dtype, version: Callable[[], object] = lambda: 0):
-        """`module`: the ZeRO-3 model (a DeepSpeed engine's `.module`) on the ranks of `src_mesh`, None elsewhere."""
+                 dtype: torch.dtype, zero3: bool = True):
+        """`module`: the model (a DeepSpeed engine's `.module`) on the ranks of `src_mesh`, None elsewhere;
+        with `zero3` its ZeRO-3 partitions are the source, else every source rank holds whole parameters."""
         self.module = hf_model_of(module) if module is not None else None
         self.config = hf_config
         self.model = model_spec(hf_config, value_head=value_head)
-        self.src = Layout(self.model, src_mesh, Strategy(dp=src_mesh.size, zero3=True))
+        self.zero3 = zero3
+        self.src = Layout(self.model, src_mesh, Strategy(dp=src_mesh.size, zero3=zero3))
         self.dtype, self.device = dtype, comm_device()
-        self.version = version
-        self._plans: dict[Layout, ReallocPlan] = {}
+        self._plans: dict[object, ReallocPlan] = {}  # by destination layout (or a blend target)
         self._kept: KeptWeights | None = None
         self._checked = False
+        self.last_stats = ReallocStats()
 
     @classmethod
     def of_engine(cls, engine, hf_config, value_head: bool) -> "HybridEngine":
-        """Around a DeepSpeed ZeRO-3 training engine; weights change with each optimizer step."""
-        from ds_realloc.engine.ds_config import torch_dtype
+        """Around a DeepSpeed training engine; weights change with each optimizer step."""
+        from ds_realloc.engine.ds_config import torch_dtype, zero_stage
 
         mesh = DeviceMesh(tuple(engine.mpu.get_data_parallel_group_ranks()))
-        return cls(engine.module, hf_config, value_head, mesh, torch_dtype(engine.config), lambda: engine.global_steps)
+        return cls(engine.module, hf_config, value_head, mesh, torch_dtype(engine.config),
+                   zero3=zero_stage(engine.config) == 3)
 
     def layout(self, mesh: DeviceMesh, strategy: Strategy) -> Layout:
         """An inference layout (fused q/k/v and gate/up buffers) of this model."""
@@ -64,23 +75,30 @@ class HybridEngine:
             self._plans[layout] = ReallocPlan.build(self.model, self.src, layout)
         return self._plans[layout]
 
-    def _weights(self, layout: Layout, keep: bool) -> tuple[Layout, dict[str, torch.Tensor]]:
+    def _weights(self, layout: Layout, version: object | None) -> tuple[Layout, dict[str, torch.Tensor]]:
         plan = self.plan(layout)
-        version = self.version() if self.module is not None else None
+        self.last_stats = ReallocStats()
         if self._kept is not None and self._kept.current(plan.dst, version):
             return plan.dst, self._kept.buffers
         rank = dist.get_rank()
-        if self.module is not None and not self._checked:
+        if self.module is not None and self.zero3 and not self._checked:
             check_zero3_layout(self.module, self.src, rank)
             self._checked = True
-        sources = zero3_sources(self.module) if self.module is not None else {}
-        buffers = reallocate(plan, sources, self.dtype, self.device)
-        self._kept = KeptWeights(plan.dst, version, buffers) if keep else None
+        buffers = reallocate(plan, self.sources(), self.dtype, self.device, stats=self.last_stats)
+        self._kept = KeptWeights(plan.dst, version, buffers) if version is not None else None
         return plan.dst, buffers
 
-    def model_on(self, layout: Layout, keep: bool = False) -> InferenceModel | None:
-        """The inference model of this rank's shard of `layout` (None off the layout)."""
-        placed, buffers = self._weights(layout, keep)
+    def sources(self) -> dict[str, torch.Tensor]:
+        """This rank's part of the model in place, flat by parameter name: its ZeRO-3 partitions, or
+        whole parameters of a replica; empty off the model's mesh."""
+        if self.module is None:
+            return {}
+        return zero3_sources(self.module) if self.zero3 else replica_sources(self.module)
+
+    def model_on(self, layout: Layout, version: object | None = None) -> InferenceModel | None:
+        """The inference model of this rank's shard of `layout` (None off the layout). With a
+        `version`, the copy is kept and reused by later calls with the same layout and version."""
+        placed, buffers = self._weights(layout, version)
         rank = dist.get_rank()
         if rank not in placed.ranks:
             return None
@@ -90,6 +108,21 @@ class HybridEngine:
             if tp_size > 1 else None
         return inference_model(self.config, shaped(placed, rank, buffers), TensorParallel(tp_size, tp_rank, group))
 
+    def blend_into(self, other: "HybridEngine", ema: float) -> ReallocStats:
+        """other <- ema * self + (1 - ema) * other, in place in the other model's own partitions (ZeRO-3
+        or replicas), moved by reallocation from this model's: a reference-model EMA of the actor.
+        Every rank of either mesh calls it; the other model's kept inference copy is dropped."""
+        if self.model != other.model:
+            raise ConfigError("ref.ema: the reference model must have the actor's architecture and shapes")
+        key = ("blend", other.src)
+        if key not in self._plans:
+            self._plans[key] = ReallocPlan.build(self.model, self.src, other.src)
+        stats = ReallocStats()
+        reallocate(self._plans[key], self.sources(), self.dtype, self.device, targets=other.sources(), ema=ema,
+                   stats=stats)
+        other.release()
+        return stats
+
     def release(self) -> None:
         """Drop a kept inference copy (the next call reallocates)."""
         self._kept = None
@@ -97,22 +130,22 @@ class HybridEngine:
     # -- the calls -------------------------------------------------------------------------------
 
     def generate(self, layout: Layout, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-                 eos_token_ids: Sequence[int], pad_token_id: int, keep: bool = False) -> Generation | None:
-        model = self.model_on(layout, keep)
+                 eos_token_ids: Sequence[int], pad_token_id: int, version: object | None = None) -> Generation | None:
+        model = self.model_on(layout, version)
         return None if model is None else generate(model, prompts, cfg, eos_token_ids, pad_token_id)
 
     def logprobs(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 keep: bool = False) -> torch.Tensor | None:
+                 version: object | None = None) -> torch.Tensor | None:
         """Token log-probs [B, T-1] of a batch (reference / actor inference)."""
-        model = self.model_on(layout, keep)
+        model = self.model_on(layout, version)
         if model is None:
             return None
         return score_logprobs(model, input_ids.to(self.device), attention_mask.to(self.device))
 
     def values(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               keep: bool = False) -> torch.Tensor | None:
+               version: object | None = None) -> torch.Tensor | None:
         """Per-token values [B, T] of a critic / reward model."""
-        model = self.model_on(layout, keep)
+        model = self.model_on(layout, version)
         if model is None:
             return None
         return score_values(model, input_ids.to(self.device), attention_mask.to(self.device))

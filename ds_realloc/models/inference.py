@@ -45,13 +45,36 @@ def _hidden(model: InferenceModel, input_ids: torch.Tensor, valid: torch.Tensor)
 
 
 @torch.no_grad()
-def score_logprobs(model: InferenceModel, input_ids: torch.Tensor, attention_mask_: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | ...) for every position: [B, T-1], like functional.token_logprobs."""
-    logits = model.logits(_hidden(model, input_ids, attention_mask_)[:, :-1])
-    return token_logprobs(logits, input_ids[:, 1:], model.vocab, model.tp)
+def score_logprobs(model: InferenceModel, input_ids: torch.Tensor, attention_mask_: torch.Tensor,
+                   last: int | None = None) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | ...) for every position: [B, T-1], like functional.token_logprobs;
+    with `last`, only for the last `last` positions ([B, last]; the LM head runs on those alone)."""
+    hidden, targets = _hidden(model, input_ids, attention_mask_)[:, :-1], input_ids[:, 1:]
+    if last is not None:
+        hidden, targets = hidden[:, hidden.shape[1] - last:], targets[:, targets.shape[1] - last:]
+    return token_logprobs(model.logits(hidden), targets, model.vocab, model.tp)
 
 
 @torch.no_grad()
 def score_values(model: InferenceModel, input_ids: torch.Tensor, attention_mask_: torch.Tensor) -> torch.Tensor:
     """Per-token values [B, T] of a critic / reward model."""
     return model.values(_hidden(model, input_ids, attention_mask_))
+
+
+class InferenceCall:
+    """What a generate / inference MFC's interface gets: this rank's model on the MFC's layout."""
+
+    def __init__(self, model: InferenceModel):
+        self.model = model
+        self.device = model.device
+
+    def generate(self, prompts, cfg, eos_token_ids, pad_token_id):
+        from ds_realloc.models.generate import generate
+
+        return generate(self.model, prompts, cfg, eos_token_ids, pad_token_id)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        return score_logprobs(self.model, input_ids.to(self.device), attention_mask_.to(self.device), last)
+
+    def values(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor) -> torch.Tensor:
+        return score_values(self.model, input_ids.to(self.device), attention_mask_.to(self.device))

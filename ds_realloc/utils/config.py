@@ -194,7 +194,17 @@ def _where(key: str, sources: dict[str, str]) -> str:
     return ""
 
 
-def _build(cls: type, data: Any, prefix: str, sources: dict[str, str]) -> Any:
+def _group_default(base: Any, f: dataclasses.Field) -> Any:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _build(cls: type, data: Any, prefix: str, sources: dict[str, str], base: Any = None) -> Any:
+    """A `cls` from `data`; fields `data` does not set come from `base` (the enclosing config's
+    default for this group, e.g. GRPO's own `algo` defaults) or else from `cls`'s defaults."""
     group = prefix.rstrip(".")
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(group, sources)}'{group}' must be a group of fields, got {data!r}")
@@ -209,11 +219,14 @@ def _build(cls: type, data: Any, prefix: str, sources: dict[str, str]) -> Any:
             fields_of = f"'{group}'" if group else "the config"
             raise ConfigError(f"{_where(key, sources)}unknown field '{key}'{hint}; {fields_of} has: {', '.join(known)}")
         try:
-            kwargs[name] = _convert(value, hints[name], key, sources)
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], value, key + ".", sources, _group_default(base, known[name]))
+            else:
+                kwargs[name] = _convert(value, hints[name], key, sources)
         except _Mismatch:
             raise ConfigError(
                 f"{_where(key, sources)}{key}: expected {_type_name(hints[name])}, got {value!r}") from None
-    obj = cls(**kwargs)
+    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:

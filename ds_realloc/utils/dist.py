@@ -74,6 +74,18 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
+_PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
+                  "Timed out", "timed out", "NCCL communicator was aborted")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank died or hung (gloo reports it as a plain
+    RuntimeError from its transport; NCCL as a DistError)."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_FAILURES)
+
+
 def group_of(ranks) -> dist.ProcessGroup:
     """The process group of exactly these global ranks (the world group for all of them). Only its
     members call this (local synchronisation), and each group is created once per process."""

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model path does not exist, is not an HF folder, or names an unsupported architecture."""
+
+
+class PeerLost(UserError):
+    """Another rank died or stopped answering: this rank stops instead of waiting forever."""

@@ -31,6 +31,7 @@ def test_sft_learns_and_writes_every_output(tmp_path):
                 "time/actor_train_s"):
         assert key in rows[1], key
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "latest").read_text() == "step12"
     assert (out / "checkpoints" / "actor" / "latest").read_text() == "step12"
     assert AutoModelForCausalLM.from_pretrained(out / "hf" / "actor").config.model_type == "llama"
 
@@ -67,7 +68,7 @@ def test_resume_continues_exactly(tmp_path):
     _assert_ok(run_cli([*args, f"output.dir={full}"], tmp_path))
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
-    (resumed / "checkpoints" / "actor" / "latest").write_text("step2")  # as if the run had stopped after step 2
+    (resumed / "checkpoints" / "latest").write_text("step2")  # as if the run had stopped after step 2
     shutil.rmtree(resumed / "checkpoints" / "actor" / "step4")
     kept = [json.dumps(row) for row in metrics(full) if row["step"] <= 2]
     (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")

@@ -47,8 +47,17 @@ def test_model_path_that_does_not_exist(tmp_path):
 
 
 def test_world_size_that_does_not_fit(tmp_path):
-    message = "train.batch_size=8 is not divisible by train.micro_batch_size=2 x 3 data-parallel ranks"
+    message = "allocations.actor_train: 3 data-parallel groups do not divide the 8 samples of a step"
     _failed(run_cli(["sft", *TINY_RUN, "launch.nprocs=3"], tmp_path, timeout=60), message)
     # the same check inside the ranks when a launcher started them (torchrun prints its own report)
     _failed_under_launcher(run_cli(["sft", *TINY_RUN, "train.batch_size=6"], tmp_path, timeout=120, launcher=TORCHRUN),
             "train.batch_size=6 is not divisible by train.micro_batch_size=2 x 2 data-parallel ranks")
+
+
+def test_bad_rl_settings_fail_before_any_process_starts(tmp_path):
+    _failed(run_cli(["ppo", "model.path=tiny-llama", "allocations.actor_gen.strategy=t3"], tmp_path, timeout=60),
+            "allocations.actor_gen.strategy: t3 needs 3 ranks, the mesh has 2")
+    _failed(run_cli(["grpo", "model.path=tiny-llama", "reward.function=no_such_module:score"], tmp_path, timeout=60),
+            "reward.function: cannot import module 'no_such_module'")
+    _failed(run_cli(["ppo", "model.path=tiny-llama", "rollout.offload_train_states=true"], tmp_path, timeout=60),
+            "rollout.offload_train_states: moves GPU states to CPU; this machine has no GPU")

@@ -57,3 +57,20 @@ def test_generation_benchmark_reports_every_row(tmp_path):
         assert report[row]["generated_tokens"] == 4 * 8 and report[row]["tokens_per_s"] > 0
         assert {"tokens_per_s", "peak_mem_bytes", "realloc_s"} <= set(report[row])
     assert report["speedup_t2"] == report["ours_t2"]["tokens_per_s"] / report["zero3_hf_generate"]["tokens_per_s"]
+
+
+def test_rlhf_benchmark_reports_both_placements(tmp_path):
+    overrides = "train.batch_size=4 train.micro_batch_size=2 rollout.max_new_tokens=4"
+    result = run_cli(["bench", "rlhf", "model=tiny-llama", "steps=2", f"overrides={overrides}", "--json"], tmp_path,
+                     300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ours"]["allocations"]["actor_train"] == "zero3:d1@[0]"
+    assert report["ours"]["allocations"]["critic_train"] == "zero3:d1@[1]"
+    assert report["colocated"]["allocations"]["critic_train"] == "zero3:d2@[0-1]"
+    for row in ("ours", "colocated"):
+        assert report[row]["samples_per_s"] > 0 and report[row]["sequences_per_step"] == 4
+        assert set(report[row]["time_per_mfc_s"]) == {"actor_gen", "rew_inf", "ref_inf", "critic_inf", "actor_train",
+                                                      "critic_train"}
+        assert report[row]["realloc_recv_bytes"]["actor_gen"] > 0  # the actor moved out of its training layout
+    assert report["speedup"] == report["ours"]["samples_per_s"] / report["colocated"]["samples_per_s"]

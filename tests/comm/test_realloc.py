@@ -44,9 +44,14 @@ def _mesh_pairs(world: int, src_size: int, dst_size: int):
 
 
 def _every_pair(rank, world, preset):
+    import os
+
     import torch.distributed as dist
 
+    from ds_realloc import ops
     from ds_realloc.comm.realloc import reallocate
+
+    assert (ops.kernel("interval_copy") is not None) == (os.environ["DS_REALLOC_DISABLE_OPS"] == "0")
     from ds_realloc.layout.model import model_spec
     from ds_realloc.layout.plan import ReallocPlan
 
@@ -73,9 +78,12 @@ def _every_pair(rank, world, preset):
     return mismatches, checked
 
 
-@pytest.mark.parametrize("world,preset", [(4, "tiny-llama"), (4, "tiny-qwen2"), (4, "tiny-gpt2"), (2, "tiny-llama")])
-def test_every_layout_pair_gives_exact_shards(world, preset):
-    results = run_ranks(_every_pair, world, preset, timeout=600)
+@pytest.mark.parametrize("world,preset,kernels", [(4, "tiny-llama", True), (4, "tiny-qwen2", True),
+                                                  (4, "tiny-gpt2", True), (2, "tiny-llama", True),
+                                                  (2, "tiny-llama", False)])
+def test_every_layout_pair_gives_exact_shards(world, preset, kernels):
+    """With the interval-copy kernel packing and unpacking, and with its torch fallback."""
+    results = run_ranks(_every_pair, world, preset, timeout=600, env={"DS_REALLOC_DISABLE_OPS": str(int(not kernels))})
     mismatches = [m for rank_mismatches, _ in results for m in rank_mismatches]
     assert not mismatches, mismatches[:5]
     assert sum(checked for _, checked in results) > 50

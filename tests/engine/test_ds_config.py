@@ -21,7 +21,21 @@ def test_generated_config():
             config["gradient_accumulation_steps"]) == (16, 2, 4)
     assert zero_stage(config) == 3 and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["optimizer"]["params"]["lr"] == 3e-5 and "torch_adam" not in config["optimizer"]["params"]
-    assert "scheduler" not in config and torch_dtype(config) == torch.float32  # auto on CPU
+    assert "scheduler" not in config
+    native_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert torch_dtype(config) == (torch.bfloat16 if native_bf16 else torch.float32)  # auto
+
+
+def test_cpu_machines_step_with_deepspeed_cpu_adam():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    zero0 = train_ds_config(EngineConfig(zero_stage=0), OptimConfig(), BATCH, total_steps=10)
+    assert zero0["optimizer"]["params"]["torch_adam"] is True  # no ZeRO-Offload at stage 0
+    for stage in (1, 2, 3):
+        config = train_ds_config(EngineConfig(zero_stage=stage), OptimConfig(), BATCH, total_steps=10)
+        assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert "torch_adam" not in config["optimizer"]["params"]
 
 
 def _lrs(optim, total_steps):

@@ -271,7 +271,9 @@ def _kept_and_moved(rank, world):
     train_ranks = (0, 1)
     engine = None
     if rank in train_ranks:
-        config = train_ds_config(EngineConfig(zero_stage=3), OptimConfig(lr=1e-2), BatchGeometry(1, 1, 2), 10)
+        # fp32 like the receiving ranks' hybrid engine: every rank of a reallocation moves one dtype
+        config = train_ds_config(EngineConfig(zero_stage=3, dtype="fp32"), OptimConfig(lr=1e-2),
+                                 BatchGeometry(1, 1, 2), 10)
         engine = build_train_engine(path, "lm", config, dp_group=group_of(train_ranks))
         hybrid = HybridEngine.of_engine(engine, AutoConfig.from_pretrained(path), False)
     else:
@@ -280,20 +282,21 @@ def _kept_and_moved(rank, world):
     for name, ranks, strategy in [("same", (0, 1), Strategy(tp=2)), ("other", (2, 3), Strategy(tp=2)),
                                   ("subset", (1,), Strategy())]:
         layout = hybrid.layout(DeviceMesh(ranks), strategy)
-        kept = hybrid.logprobs(layout, IDS, MASK, keep=True)
+        kept = hybrid.logprobs(layout, IDS, MASK, version=0)
         assert hybrid._kept is not None
-        reused = hybrid.logprobs(layout, IDS, MASK, keep=True)  # no reallocation: same buffers
+        reused = hybrid.logprobs(layout, IDS, MASK, version=0)  # no reallocation: same buffers
+        assert hybrid.last_stats.received_elements == 0
         if kept is not None:
             assert torch.equal(kept, reused)
         hybrid.release()
         results[name] = kept
     if engine is not None:  # a training step makes any kept copy stale
         layout = hybrid.layout(DeviceMesh((0, 1)), Strategy(tp=2))
-        before = hybrid.logprobs(layout, IDS, MASK, keep=True)
+        before = hybrid.logprobs(layout, IDS, MASK, version=0)
         loss = sft_loss(engine(input_ids=IDS, attention_mask=MASK).logits, IDS, MASK)
         engine.backward(loss)
         engine.step()
-        after = hybrid.logprobs(layout, IDS, MASK, keep=True)
+        after = hybrid.logprobs(layout, IDS, MASK, version=1)
         assert not torch.equal(before, after)
         results["after_step"] = after
     return results

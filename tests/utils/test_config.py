@@ -90,3 +90,11 @@ def test_help_lists_every_leaf_field():
     for key in ("inner.lr", "inner.steps", "inner.mode", "inner.name", "flag", "ranks", "table"):
         assert f"  {key} (" in text
     assert "learning rate" in text and "a|b" in text
+
+
+def test_overriding_one_field_keeps_the_commands_own_group_defaults():
+    from ds_realloc.dataflow.rlhf import GRPOConfig
+
+    cfg = load_config(GRPOConfig, None, ["algo.kl_coef=0", "train.seed=3"])
+    assert (cfg.algo.advantage, cfg.algo.kl_coef, cfg.algo.kl_estimator) == ("grpo", 0.0, "k3")
+    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.train.seed) == (4, 30, 3)

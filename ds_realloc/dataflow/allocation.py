@@ -1,0 +1,114 @@
+"""Where each model function call runs: a mesh and a strategy per MFC, checked before any work.
+
+`allocations.<mfc>.mesh` / `.strategy` set one MFC; `allocation: d2t2` sets every generate and
+inference MFC at once. The default works on any world size: generation and inference run one
+replica per rank (d<world>) on all ranks; training runs ZeRO-3 over all ranks, except that when
+several models train (PPO's actor and critic) and the world splits evenly between them, each trains
+on its own equal, contiguous share of the ranks, so the trainings run at the same time instead of
+one after the other (ReaLHF's observation: two half-size data-parallel groups side by side beat
+two full-world ones in turn, as each moves half the gradient traffic).
+Training MFCs run DeepSpeed ZeRO data parallel over their mesh (`zero3` or `d<n>`: the strategy
+names the mesh's data parallelism, `engine.zero_stage` the ZeRO stage); generate and inference
+MFCs run on `d<dp>t<tp>` layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from ds_realloc.comm.batches import RowSplit
+from ds_realloc.dataflow.mfc import MFC, MFCKind
+from ds_realloc.layout.layout import Layout
+from ds_realloc.layout.mesh import DeviceMesh, Strategy, parse_mesh, parse_strategy
+from ds_realloc.layout.model import ModelSpec
+from ds_realloc.utils.config import option
+from ds_realloc.utils.errors import ConfigError
+
+
+@dataclass
+class AllocationConfig:
+    mesh: str = option("", "ranks of this call, e.g. 0-3 or 0,2 ('' = all ranks)")
+    strategy: str = option("", "d<dp>t<tp> for generate / inference calls; zero3, zero3:d<dp> or d<n> "
+                               "for training ('' = the default)")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    mfc: MFC
+    mesh: DeviceMesh
+    strategy: Strategy
+
+    @property
+    def dp_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The ranks of each data-parallel group (a group shares its rows), in dp order."""
+        if self.mfc.kind is MFCKind.TRAIN:
+            return tuple((rank,) for rank in self.mesh.ranks)
+        s = self.strategy
+        return tuple(tuple(self.mesh.ranks[s.index(dp, tp, 0)] for tp in range(s.tp)) for dp in range(s.dp))
+
+    def split(self, rows: int) -> RowSplit:
+        return RowSplit(self.dp_groups, rows)
+
+
+def _strategy(mfc: MFC, text: str, mesh: DeviceMesh, where: str) -> Strategy:
+    strategy = parse_strategy(text, mesh.size, where=where)
+    if mfc.kind is MFCKind.TRAIN:
+        if strategy.tp != 1 or strategy.pp != 1:
+            raise ConfigError(f"{where}: training runs DeepSpeed ZeRO data parallel (zero3, zero3:d<n> or d<n>), "
+                              f"got {text}")
+        if strategy.zero3 and strategy.dp != mesh.size:
+            raise ConfigError(f"{where}: a training engine's ZeRO partitions span its whole mesh ({mesh.size} ranks), "
+                              f"got {text}")
+    elif strategy.zero3 or strategy.pp != 1:
+        raise ConfigError(f"{where}: {mfc.kind.value} calls run on d<dp>t<tp> layouts, got {text}")
+    return strategy
+
+
+def default_train_meshes(train_mfcs: Sequence[str], world: int) -> dict[str, DeviceMesh]:
+    """Equal contiguous shares of the world, one per training MFC, where the world splits evenly
+    between several; else every training MFC on all ranks."""
+    if len(train_mfcs) < 2 or world % len(train_mfcs):
+        return {name: DeviceMesh(tuple(range(world))) for name in train_mfcs}
+    share = world // len(train_mfcs)
+    return {name: DeviceMesh(tuple(range(i * share, (i + 1) * share))) for i, name in enumerate(train_mfcs)}
+
+
+def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc: Mapping[str, AllocationConfig],
+                        models: Mapping[str, ModelSpec], rows: int, train_rows_multiple: int = 1) -> dict[str, Allocation]:
+    """Every MFC's allocation, validated: meshes inside the world, strategies that fit their meshes,
+    tensor parallelism the model's heads allow, rows that split over the data-parallel groups."""
+    names = {m.name for m in mfcs}
+    for name in per_mfc:
+        if name not in names:
+            raise ConfigError(f"allocations.{name}: there is no MFC '{name}'; MFCs: {', '.join(sorted(names))}")
+    everyone = DeviceMesh(tuple(range(world)))
+    train_meshes = default_train_meshes([m.name for m in mfcs if m.kind is MFCKind.TRAIN], world)
+    allocations = {}
+    for mfc in mfcs:
+        config = per_mfc.get(mfc.name, AllocationConfig())
+        where = f"allocations.{mfc.name}"
+        mesh = parse_mesh(config.mesh, where=f"{where}.mesh") if config.mesh else train_meshes.get(mfc.name, everyone)
+        outside = [r for r in mesh.ranks if r >= world]
+        if outside:
+            raise ConfigError(f"{where}.mesh: rank {outside[0]} is outside the world of {world} ranks")
+        default = "zero3" if mfc.kind is MFCKind.TRAIN else (shorthand or f"d{mesh.size}")
+        text = config.strategy or default
+        from_shorthand = shorthand and not config.strategy and mfc.kind is not MFCKind.TRAIN
+        field = f"allocation ({mfc.name})" if from_shorthand else f"{where}.strategy"
+        strategy = _strategy(mfc, text, mesh, field)
+        allocation = Allocation(mfc, mesh, strategy)
+        groups = len(allocation.dp_groups)
+        if rows % groups:
+            raise ConfigError(f"{where}: {groups} data-parallel groups do not divide the {rows} samples of a step "
+                              f"(train.batch_size x samples per prompt)")
+        if mfc.kind is MFCKind.TRAIN and (rows // groups) % train_rows_multiple:
+            raise ConfigError(f"{where}: each of the {groups} training ranks gets {rows // groups} samples, not a "
+                              f"multiple of the {train_rows_multiple} samples of one prompt")
+        if mfc.kind is not MFCKind.TRAIN and mfc.role in models and strategy.tp > 1:
+            try:  # the shard rules raise when tp does not fit the heads (GQA included) or the MLP
+                Layout(models[mfc.role], mesh, strategy, fused=True).buffers(mesh.ranks[0])
+            except ConfigError as e:
+                raise ConfigError(f"{field}: {text}: {e}") from None
+        allocations[mfc.name] = allocation
+    return allocations

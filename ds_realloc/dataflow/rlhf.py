@@ -1,0 +1,266 @@
+"""RLHF commands: PPO, GRPO, RLOO, ReMax and RAFT as MFC graphs over the same runner.
+
+PPO: actor_gen -> {rew_inf, ref_inf, critic_inf} -> {actor_train, critic_train}. GRPO and RLOO
+drop the critic and sample several completions per prompt; ReMax adds a greedy generation and its
+reward as the baseline; RAFT fine-tunes on the best of several samples. Every call can run on its
+own mesh and layout (`allocations`); the actor's weights are reallocated from its ZeRO-3 training
+partitions into the generation layout at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_realloc.algorithms.policy import CriticTrainInterface, PolicyConfig, PolicyTrainInterface, RaftTrainInterface
+from ds_realloc.algorithms.rollout import (GenerateInterface, LogprobsInterface, RewardFunctionInterface,
+                                           RewardModelInterface, ValuesInterface)
+from ds_realloc.data.rewards import load_reward_function
+from ds_realloc.dataflow.config import RunConfig, TrainConfig
+from ds_realloc.dataflow.experiments import Experiment, InterfaceContext, RefConfig, RoleSpec
+from ds_realloc.dataflow.mfc import MFC, MFCKind
+from ds_realloc.engine.config import OptimConfig
+from ds_realloc.models.generate import GenerationConfig
+from ds_realloc.utils.config import invalid, option
+
+G, I, T = MFCKind.GENERATE, MFCKind.INFERENCE, MFCKind.TRAIN
+
+
+@dataclass
+class RolloutConfig(GenerationConfig):
+    """Sampling of the training completions, and greedy evaluation on the held-out prompts."""
+
+    max_new_tokens: int = option(16, "tokens to generate at most per completion")
+    samples_per_prompt: int = option(1, "completions sampled per prompt (a group, for GRPO / RLOO / RAFT)")
+    eval_max_new_tokens: int = option(16, "tokens per greedy completion in evaluation")
+    eval_prompts: int = option(64, "held-out prompts evaluated before and after training (0 = all)")
+    offload_train_states: bool = option(False, "during generation, move the trained models' optimizer states, "
+                                               "fp32 master weights and gradients to CPU (DeepSpeed offload_states "
+                                               "/ reload_states; ZeRO-3 on GPU without engine offload)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.samples_per_prompt < 1:
+            raise invalid("samples_per_prompt", "must be at least 1")
+
+
+@dataclass
+class CriticConfig:
+    path: str = option("", "the critic's initial weights: '' = the actor's, with a new value head")
+    optim: OptimConfig = option(OptimConfig(lr=5e-5), "the critic's optimizer")
+
+
+@dataclass
+class RewardConfig:
+    function: str = option("ds_realloc.data.rewards:final_number_matches",
+                           "module:function(prompts, completions, **fields) -> list[float] scoring completions")
+    model: str = option("", "a reward model folder (e.g. from ds-realloc rm) to score with instead of the function")
+    offload: bool = option(True, "keep the reward model's weights on CPU while it is not scoring")
+
+
+@dataclass
+class RLConfig(RunConfig):
+    train: TrainConfig = option(TrainConfig(micro_batch_size=8), "batching and schedule (batch_size counts prompts)")
+    optim: OptimConfig = option(OptimConfig(lr=2e-5, min_lr_ratio=1.0), "the actor's optimizer")
+    ref: RefConfig = option(RefConfig(offload=False), "the frozen reference policy (KL penalty)")
+    critic: CriticConfig = option(CriticConfig(), "the critic (PPO)")
+    reward: RewardConfig = option(RewardConfig(), "how completions are scored")
+    rollout: RolloutConfig = option(RolloutConfig(), "sampling and evaluation")
+    algo: PolicyConfig = option(PolicyConfig(), "the policy-gradient algorithm")
+
+    def validate(self) -> None:
+        if self.train.batch_size < 1:
+            raise invalid("train.batch_size", "must be at least 1")
+        if not self.reward.model:
+            load_reward_function(self.reward.function)  # importable, with the right signature
+        if self.rollout.offload_train_states:
+            engine = self.engine
+            if not torch.cuda.is_available():
+                raise invalid("rollout.offload_train_states", "moves GPU states to CPU; this machine has no GPU")
+            if engine.zero_stage != 3 or engine.offload_optimizer or engine.offload_param:
+                raise invalid("rollout.offload_train_states", "needs engine.zero_stage=3 without "
+                                                              "offload_optimizer / offload_param")
+
+
+def _roles(cfg: RLConfig, critic: bool, reference: bool) -> list[RoleSpec]:
+    roles = [RoleSpec("actor", cfg.model.path, "model.path", "lm", trainable=True, optim=cfg.optim)]
+    if critic:
+        roles.append(RoleSpec("critic", cfg.critic.path or cfg.model.path, "critic.path" if cfg.critic.path else
+                              "model.path", "value", trainable=True, optim=cfg.critic.optim))
+    if reference:
+        roles.append(RoleSpec("ref", cfg.ref.path or cfg.model.path, "ref.path" if cfg.ref.path else "model.path",
+                              "lm", trainable=False, offload=cfg.ref.offload))
+    if cfg.reward.model:
+        roles.append(RoleSpec("reward", cfg.reward.model, "reward.model", "value", trainable=False,
+                              offload=cfg.reward.offload))
+    return roles
+
+
+_ROLLOUT = ("prompt", "completion", "gen_logprobs", "truncated", "score")
+
+
+def _uses_reference(cfg: RLConfig) -> bool:
+    return cfg.algo.kl_coef > 0
+
+
+def _generation(cfg: RLConfig, greedy: bool = False) -> GenerationConfig:
+    fields = {name: getattr(cfg.rollout, name) for name in GenerationConfig.__dataclass_fields__}
+    return GenerationConfig(**{**fields, "greedy": greedy or cfg.rollout.greedy})
+
+
+def _reward(cfg: RLConfig, ctx: InterfaceContext, completion_key: str = "completion", output: str = "score"):
+    if cfg.reward.model:
+        return RewardModelInterface(ctx.pad_id, completion_key, output)
+    return RewardFunctionInterface(load_reward_function(cfg.reward.function), ctx.tokenizer, cfg.reward.function,
+                                   completion_key, output)
+
+
+def _rollout_mfcs(cfg: RLConfig) -> list[MFC]:
+    mfcs = [MFC("actor_gen", "actor", G, ("prompt",), ("completion", "gen_logprobs", "truncated")),
+            MFC("rew_inf", "reward", I, ("prompt", "completion"), ("score",))]
+    if _uses_reference(cfg):
+        mfcs.append(MFC("ref_inf", "ref", I, ("prompt", "completion"), ("ref_logprobs",)))
+    return mfcs
+
+
+def _train_inputs(cfg: RLConfig, *extra: str) -> tuple[str, ...]:
+    return (*_ROLLOUT, *(("ref_logprobs",) if _uses_reference(cfg) else ()), *extra)
+
+
+def _policy_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
+    interfaces = {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id),
+                  "rew_inf": _reward(cfg, ctx), "ref_inf": LogprobsInterface(ctx.pad_id),
+                  "actor_train": PolicyTrainInterface(cfg.algo, cfg.train.micro_batch_size, ctx.pad_id,
+                                                      cfg.rollout.samples_per_prompt, ctx.groups.get("actor_train"))}
+    return interfaces
+
+
+# -- PPO -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    pass
+
+
+def _ppo_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
+    return (*_rollout_mfcs(cfg),
+            MFC("critic_inf", "critic", I, ("prompt", "completion"), ("values",)),
+            MFC("actor_train", "actor", T, _train_inputs(cfg, "values")),
+            MFC("critic_train", "critic", T, _train_inputs(cfg, "values")))
+
+
+def _ppo_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
+    return {**_policy_interfaces(cfg, ctx), "critic_inf": ValuesInterface(ctx.pad_id),
+            "critic_train": CriticTrainInterface(cfg.algo, cfg.train.micro_batch_size, ctx.pad_id,
+                                                 ctx.groups.get("critic_train"))}
+
+
+_TABLE = (("reward", "actor/reward"), ("kl", "actor/kl"), ("length", "actor/response_length"),
+          ("eval_acc", "eval/accuracy"))
+
+
+def _rl_experiment(command: str, summary: str, config_cls: type, mfcs, interfaces, critic: bool,
+                   table=_TABLE, group_rows: bool = False) -> Experiment:
+    return Experiment(
+        command=command, summary=summary, config_cls=config_cls, data_format="prompts", sample_key="prompt",
+        mfcs=mfcs, roles=lambda cfg: _roles(cfg, critic, _uses_reference(cfg)), interfaces=interfaces,
+        samples_per_prompt=lambda cfg: cfg.rollout.samples_per_prompt,
+        optimizer_steps_per_step=lambda cfg: cfg.algo.epochs * cfg.algo.minibatches,
+        evaluation="generation", table=table, group_train_rows=group_rows)
+
+
+PPO = _rl_experiment("ppo", "PPO with a critic (GAE), KL penalty to the reference; the main job",
+                     PPOConfig, _ppo_mfcs, _ppo_interfaces, critic=True,
+                     table=(*_TABLE, ("value_loss", "critic/value_loss")))
+
+
+# 4 prompts x 4 samples = 16 sequences a step, like PPO's 16 prompts x 1
+_GROUP_TRAIN = TrainConfig(batch_size=4, micro_batch_size=8, max_steps=30)
+
+# -- GRPO / RLOO -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    train: TrainConfig = option(_GROUP_TRAIN, "batching and schedule (batch_size counts prompts)")
+    rollout: RolloutConfig = option(RolloutConfig(samples_per_prompt=4), "sampling and evaluation")
+    algo: PolicyConfig = option(PolicyConfig(advantage="grpo", kl_in_reward=False, kl_estimator="k3",
+                                             whiten_advantages=False), "the policy-gradient algorithm")
+
+
+def _group_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
+    return (*_rollout_mfcs(cfg), MFC("actor_train", "actor", T, _train_inputs(cfg)))
+
+
+GRPO = _rl_experiment("grpo", "GRPO: group-normalised advantages over several samples per prompt, no critic",
+                      GRPOConfig, _group_mfcs, _policy_interfaces, critic=False, group_rows=True)
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    train: TrainConfig = option(_GROUP_TRAIN, "batching and schedule (batch_size counts prompts)")
+    rollout: RolloutConfig = option(RolloutConfig(samples_per_prompt=4), "sampling and evaluation")
+    algo: PolicyConfig = option(PolicyConfig(advantage="rloo", whiten_advantages=False),
+                                "the policy-gradient algorithm")
+
+
+RLOO = _rl_experiment("rloo", "RLOO: REINFORCE with a leave-one-out baseline over several samples per prompt",
+                      RLOOConfig, _group_mfcs, _policy_interfaces, critic=False, group_rows=True)
+
+
+# -- ReMax -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReMaxConfig(RLConfig):
+    algo: PolicyConfig = option(PolicyConfig(advantage="remax", whiten_advantages=False),
+                                "the policy-gradient algorithm")
+
+
+def _remax_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
+    return (*_rollout_mfcs(cfg),
+            MFC("actor_greedy_gen", "actor", G, ("prompt",),
+                ("greedy_completion", "greedy_logprobs", "greedy_truncated")),
+            MFC("rew_greedy_inf", "reward", I, ("prompt", "greedy_completion"), ("greedy_score",)),
+            MFC("actor_train", "actor", T, _train_inputs(cfg, "greedy_score")))
+
+
+def _remax_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
+    return {**_policy_interfaces(cfg, ctx),
+            "actor_greedy_gen": GenerateInterface(_generation(cfg, greedy=True), ctx.eos_ids, ctx.pad_id,
+                                                  ("greedy_completion", "greedy_logprobs", "greedy_truncated")),
+            "rew_greedy_inf": _reward(cfg, ctx, "greedy_completion", "greedy_score")}
+
+
+REMAX = _rl_experiment("remax", "ReMax: REINFORCE with the greedy completion's reward as the baseline",
+                       ReMaxConfig, _remax_mfcs, _remax_interfaces, critic=False)
+
+
+# -- RAFT ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RAFTConfig(RLConfig):
+    train: TrainConfig = option(_GROUP_TRAIN, "batching and schedule (batch_size counts prompts)")
+    rollout: RolloutConfig = option(RolloutConfig(samples_per_prompt=4), "sampling and evaluation")
+    algo: PolicyConfig = option(PolicyConfig(kl_coef=0.0), "kl_coef > 0 adds a reference model (unused by RAFT)")
+
+
+def _raft_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
+    return (*_rollout_mfcs(cfg), MFC("actor_train", "actor", T, ("prompt", "completion", "score")))
+
+
+def _raft_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
+    return {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id), "rew_inf": _reward(cfg, ctx),
+            "ref_inf": LogprobsInterface(ctx.pad_id),
+            "actor_train": RaftTrainInterface(cfg.train.micro_batch_size, ctx.pad_id, cfg.rollout.samples_per_prompt)}
+
+
+RAFT = _rl_experiment("raft", "RAFT: reward-ranked fine-tuning on the best of several samples per prompt",
+                      RAFTConfig, _raft_mfcs, _raft_interfaces, critic=False,
+                      table=(("reward", "actor/reward"), ("best", "actor/best_reward"), ("eval_acc", "eval/accuracy")),
+                      group_rows=True)
+
+RL_EXPERIMENTS = (PPO, GRPO, RLOO, REMAX, RAFT)

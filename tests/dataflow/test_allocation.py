@@ -1,0 +1,78 @@
+"""Allocations: defaults for any world size, and errors that name the MFC and field, before any work."""
+
+import re
+
+import pytest
+from transformers import LlamaConfig
+
+from ds_realloc.dataflow.allocation import AllocationConfig, resolve_allocations
+from ds_realloc.dataflow.experiments import all_experiments
+from ds_realloc.dataflow.mfc import MFCKind, topological_order
+from ds_realloc.layout.model import model_spec
+from ds_realloc.utils.errors import ConfigError
+
+# 12 heads, 2 kv heads: t2 splits the kv heads, t4 replicates them, t3 fits neither
+CONFIG = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=12,
+                     num_key_value_heads=2, vocab_size=128)
+MODELS = {"actor": model_spec(CONFIG), "ref": model_spec(CONFIG), "critic": model_spec(CONFIG, value_head=True)}
+
+
+def _ppo():
+    experiment = all_experiments()["ppo"]
+    return topological_order(experiment.mfcs(experiment.config_cls()))
+
+
+def _resolve(world=4, rows=16, shorthand="", **per_mfc):
+    configs = {name: AllocationConfig(**fields) for name, fields in per_mfc.items()}
+    return resolve_allocations(_ppo(), world, shorthand, configs, MODELS, rows)
+
+
+def _placements(allocations):
+    return {name: (a.mesh.ranks, a.strategy.dp, a.strategy.tp) for name, a in allocations.items()}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8])
+def test_default_fits_any_world_and_splits_two_trainings(world):
+    allocations = _resolve(world=world, rows=48)
+    everyone = tuple(range(world))
+    for a in allocations.values():
+        if a.mfc.kind is not MFCKind.TRAIN:
+            assert a.mesh.ranks == everyone and (a.strategy.dp, a.strategy.tp) == (world, 1)
+    actor, critic = allocations["actor_train"].mesh.ranks, allocations["critic_train"].mesh.ranks
+    if world % 2 == 0:  # halves: the two trainings overlap in time
+        assert actor == everyone[:world // 2] and critic == everyone[world // 2:]
+    else:
+        assert actor == critic == everyone
+
+
+def test_per_mfc_and_shorthand_allocations():
+    allocations = _resolve(shorthand="d2t2", actor_gen={"mesh": "0-3", "strategy": "d4"},
+                           actor_train={"mesh": "0-1", "strategy": "zero3"},
+                           critic_train={"mesh": "2-3"}, critic_inf={"mesh": "2-3", "strategy": "t2"})
+    placed = _placements(allocations)
+    assert placed["actor_gen"] == ((0, 1, 2, 3), 4, 1)
+    assert placed["ref_inf"] == ((0, 1, 2, 3), 2, 2) and placed["rew_inf"] == ((0, 1, 2, 3), 2, 2)  # shorthand
+    assert placed["critic_inf"] == ((2, 3), 1, 2)
+    assert placed["actor_train"][0] == (0, 1) and placed["critic_train"][0] == (2, 3)
+    assert allocations["critic_inf"].dp_groups == ((2, 3),)
+    assert _resolve(actor_gen={"strategy": "t4"})["actor_gen"].strategy.tp == 4  # kv heads replicated
+
+
+@pytest.mark.parametrize("per_mfc, shorthand, message", [
+    ({"actor_gen": {"mesh": "0-7"}}, "", "allocations.actor_gen.mesh: rank 4 is outside the world of 4 ranks"),
+    ({"actor_gen": {"mesh": "0-2", "strategy": "t3"}}, "", "allocations.actor_gen.strategy: t3: tp=3 and "
+                                                           "num_key_value_heads=2 do not divide one another"),
+    ({}, "t3", "allocation (actor_gen): t3 needs 3 ranks, the mesh has 4"),
+    ({"actor_gen": {"strategy": "d3"}}, "", "allocations.actor_gen.strategy"),
+    ({"actor_train": {"mesh": "0-3", "strategy": "d2t2"}}, "", "allocations.actor_train.strategy: training runs DeepSpeed ZeRO"),
+    ({"actor_gen": {"strategy": "zero3"}}, "", "allocations.actor_gen.strategy: generate calls run on d<dp>t<tp>"),
+    ({"actor_trian": {"mesh": "0"}}, "", "allocations.actor_trian: there is no MFC 'actor_trian'"),
+])
+def test_bad_allocations_name_the_mfc_and_field(per_mfc, shorthand, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _resolve(shorthand=shorthand, **per_mfc)
+
+
+def test_rows_that_do_not_split_over_the_groups():
+    with pytest.raises(ConfigError, match="allocations.actor_gen: 4 data-parallel groups do not divide the 6 samples"):
+        _resolve(rows=6)
