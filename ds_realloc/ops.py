@@ -28,7 +28,7 @@ def ops_disabled() -> bool:
 def kernel(op: str, device_type: str = "cpu"):
     """The loaded extension of `op` for a device type, or None (disabled, incompatible, failed build)."""
     key = (op, device_type)
-    if ops_disabled() or key in _FAILED:
+    if ops_disabled() or key in _FAILED or device_type not in ("cpu", "cuda"):
         return None
     if key not in _LOADED:
         from op_builder.builder import OPS
@@ -49,10 +49,6 @@ def kernel(op: str, device_type: str = "cpu"):
                           f"reference", RuntimeWarning, stacklevel=3)
             return None
     return _LOADED[key]
-
-
-def _device_type(tensor: torch.Tensor) -> str | None:
-    return {"cpu": "cpu", "cuda": "cuda"}.get(tensor.device.type)
 
 
 # -- interval copy ---------------------------------------------------------------------------------------
@@ -80,7 +76,7 @@ def interval_gather(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Ten
     """`out[...] = cat(flat[s:s + n] for each interval)`; `out` defaults to a fresh buffer."""
     if out is None:
         out = torch.empty(int(lengths.sum()), dtype=flat.dtype, device=flat.device)
-    op = kernel("interval_copy", _device_type(flat)) if flat.is_contiguous() and out.is_contiguous() else None
+    op = kernel("interval_copy", flat.device.type) if flat.is_contiguous() and out.is_contiguous() else None
     if op is None:
         return interval_gather_reference(flat, starts, lengths, out)
     op.gather(flat, starts.to(torch.int64), lengths.to(torch.int64), out)
@@ -90,7 +86,7 @@ def interval_gather(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Ten
 def interval_scatter(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                      packed: torch.Tensor) -> torch.Tensor:
     """`flat[s:s + n] = next n elements of packed` for each interval, in order; returns `flat`."""
-    op = kernel("interval_copy", _device_type(flat)) if flat.is_contiguous() and packed.is_contiguous() else None
+    op = kernel("interval_copy", flat.device.type) if flat.is_contiguous() and packed.is_contiguous() else None
     if op is None:
         return interval_scatter_reference(flat, starts, lengths, packed)
     op.scatter(flat, starts.to(torch.int64), lengths.to(torch.int64), packed)
@@ -156,7 +152,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor, t
     usable = rewards.dtype in (torch.float32, torch.float64) and values.dtype == rewards.dtype
     if rewards.device.type == "cuda":
         usable = rewards.dtype == torch.float32
-    op = kernel("gae", _device_type(rewards)) if usable else None
+    op = kernel("gae", rewards.device.type) if usable else None
     if op is None:
         return gae_reference(rewards, values, cu_seqlens, truncated, gamma, lam)
     advantages, returns = op.gae(rewards, values, cu_seqlens, truncated, float(gamma), float(lam))
@@ -202,7 +198,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = 
     shape = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
     supported = flat.dtype in (torch.float32, torch.bfloat16) or (flat.dtype == torch.float16 and flat.is_cpu)
-    op = kernel("logprobs", _device_type(flat)) if supported else None
+    op = kernel("logprobs", flat.device.type) if supported else None
     if op is None:
         return token_logprobs_reference(logits, targets, entropy)
     contiguous = flat.contiguous()

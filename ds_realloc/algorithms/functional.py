@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ds_realloc import ops
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `values` where `mask` is 1 (over all elements, or along `dim`)."""
@@ -19,20 +21,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, entropy: bool = False):
-    """log p(input_ids[:, t+1] | ...) from logits[:, t]: [batch, seq-1], in fp32 by the fused
-    log-probs kernel (no [batch, seq, vocab] fp32 log-softmax; `ds_realloc.ops.token_logprobs`).
-    With `entropy`, returns (logprobs, entropy per position) instead. The logits are a loss's
-    LM-head output, used once: their gradient is written over them."""
-    from ds_realloc import ops
-
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                        entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(input_ids[:, t+1] | ...) from logits[:, t]: [batch, seq-1] in fp32, and the entropy per
+    position when asked, by the fused log-probs kernel (no [batch, seq, vocab] fp32 log-softmax;
+    `ds_realloc.ops.token_logprobs`). The logits are a loss's LM-head output, used once: their
+    gradient is written over them."""
     # the last position predicts nothing: a dummy target there avoids copying logits[:, :-1]
     targets = torch.cat([input_ids[:, 1:], input_ids.new_zeros(input_ids.shape[0], 1)], dim=1)
     logprobs, entropies = ops.token_logprobs(logits, targets.to(logits.device), entropy,
                                              inplace_grad=logits.requires_grad and not logits.is_leaf)
-    if entropy:
-        return logprobs[:, :-1], entropies[:, :-1]
-    return logprobs[:, :-1]
+    return logprobs[:, :-1], (entropies[:, :-1] if entropy else None)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`next_token_logprobs` without the entropy: [batch, seq-1]."""
+    return next_token_logprobs(logits, input_ids)[0]
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -72,8 +76,6 @@ def gae_packed(rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Te
     `values` holds each sequence's n + 1 state values. A sequence that ended (EOS) has a terminal
     value of 0 after its last action; a truncated one (length limit) bootstraps from its last
     value v_n. The op_builder kernel when available, else its vectorised torch reference."""
-    from ds_realloc import ops
-
     return ops.gae(rewards, values, cu_seqlens, truncated, gamma, lam)
 
 

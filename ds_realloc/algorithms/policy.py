@@ -154,14 +154,14 @@ def _minibatches(rows: int, count: int) -> list[list[int]]:
     return [list(range(i * size, (i + 1) * size)) for i in range(count)]
 
 
-def _policy_logprobs(engine, rollouts: Rollouts, entropy: bool = False):
+def _policy_logprobs(engine, rollouts: Rollouts, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, K] of the last K tokens (the completions), and their entropies when asked,
     computing the LM head only where completions are (left padding puts them at the end)."""
     width = rollouts.max_actions
     device = engine.device
     out = engine(input_ids=rollouts.input_ids.to(device), attention_mask=rollouts.attention_mask.to(device),
                  position_ids=rollouts.positions.to(device), logits_to_keep=width + 1, use_cache=False)
-    return F.token_logprobs(out.logits, rollouts.input_ids[:, -(width + 1):].to(device), entropy)
+    return F.next_token_logprobs(out.logits, rollouts.input_ids[:, -(width + 1):].to(device), entropy)
 
 
 def _any_rank(flag: bool, group) -> bool:
@@ -231,8 +231,7 @@ class PolicyTrainInterface:
         def loss_of(rows: slice, metrics: Metrics):
             part = {key: values[rows] for key, values in batch.items()}
             rollouts = rollouts_of(part, self.pad_id)
-            logprobs, entropies = _policy_logprobs(engine, rollouts, entropy=True) if cfg.entropy_coef else \
-                (_policy_logprobs(engine, rollouts), None)
+            logprobs, entropies = _policy_logprobs(engine, rollouts, entropy=bool(cfg.entropy_coef))
             width, device = rollouts.max_actions, logprobs.device
             mask = rollouts.action_mask().to(device)
             old = right_aligned(part["gen_logprobs"], width).to(device)
@@ -340,7 +339,7 @@ class RaftTrainInterface:
         def loss_of(rows: slice, metrics_: Metrics):
             part = {key: values[rows] for key, values in chosen.items()}
             rollouts = rollouts_of(part, self.pad_id)
-            logprobs = _policy_logprobs(engine, rollouts)
+            logprobs, _ = _policy_logprobs(engine, rollouts)
             mask = rollouts.action_mask().to(logprobs.device) * weights[rows].to(logprobs.device).unsqueeze(-1)
             loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
             add_metric(metrics_, "loss", loss.item(), 1.0)

@@ -38,8 +38,11 @@ class RLHFBenchConfig:
     timeout_s: float = option(1800.0, "give up after this many seconds per row")
 
     def validate(self) -> None:
-        if self.command not in ("ppo", "grpo", "rloo", "remax", "raft"):
-            raise invalid("command", f"must be an RL command (ppo, grpo, rloo, remax, raft), got '{self.command}'")
+        from ds_realloc.dataflow.rlhf import RL_EXPERIMENTS
+
+        commands = [e.command for e in RL_EXPERIMENTS]
+        if self.command not in commands:
+            raise invalid("command", f"must be an RL command ({', '.join(commands)}), got '{self.command}'")
         if not 0 <= self.warmup < self.steps:
             raise invalid("warmup", f"must be in [0, steps={self.steps})")
 

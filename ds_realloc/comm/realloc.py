@@ -67,18 +67,19 @@ def _intervals(transfer: Transfer, source_side: bool) -> tuple[torch.Tensor, tor
     return torch.cat(starts), torch.cat(lengths)
 
 
-def _interval_kernel(a: torch.Tensor, b: torch.Tensor):
-    """The interval-copy kernel for copies between `a` and `b`, when it can do them (same dtype and device)."""
+def _kernel_copies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the interval-copy kernel is loaded and can copy between `a` and `b` (same dtype and
+    device, contiguous); otherwise the strided torch copies below are the faster fallback."""
     if a.dtype != b.dtype or a.device != b.device or not (a.is_contiguous() and b.is_contiguous()):
-        return None
-    return ops.kernel("interval_copy", a.device.type) if a.device.type in ("cpu", "cuda") else None
+        return False
+    return ops.kernel("interval_copy", a.device.type) is not None
 
 
 def _pack(transfers: list[Transfer], sources: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
     position = 0
     for transfer in transfers:
         source = sources[transfer.src_buffer]
-        if _interval_kernel(source, out) is not None:  # all spans of the parameter in one call
+        if _kernel_copies(source, out):  # all spans of the parameter in one call
             ops.interval_gather(source, *_intervals(transfer, True), out[position:position + transfer.numel])
             position += transfer.numel
             continue
@@ -102,7 +103,7 @@ def _unpack(transfers: list[Transfer], received: torch.Tensor, out: Mapping[str,
     position = 0
     for transfer in transfers:
         target = out[transfer.dst_buffer]
-        if ema is None and _interval_kernel(target, received) is not None:
+        if ema is None and _kernel_copies(target, received):
             ops.interval_scatter(target, *_intervals(transfer, False), received[position:position + transfer.numel])
             position += transfer.numel
             continue

@@ -99,20 +99,20 @@ class Run:
         start = time.perf_counter()
         kept = None if role.spec.trainable or role.spec.offload else role.version  # frozen, resident: keep
         model = role.hybrid.model_on(role.hybrid.layout(allocation.mesh, allocation.strategy), kept)
-        element = torch.empty((), dtype=role.hybrid.dtype).element_size()
         timing = {f"realloc/{mfc.name}_s": time.perf_counter() - start,
-                  f"realloc/{mfc.name}_recv_bytes": float(role.hybrid.last_stats.received_elements * element)}
+                  f"realloc/{mfc.name}_recv_bytes": float(role.hybrid.last_stats.received_elements
+                                                          * role.hybrid.dtype.itemsize)}
         return (InferenceCall(model) if model is not None else None), timing
 
     @contextlib.contextmanager
     def _train_states_offloaded(self, mfc: MFC) -> Iterator[None]:
         """With `rollout.offload_train_states`, this rank's training engines keep only their bf16/fp16
         partitions on the device while a generate MFC runs (the KV cache gets the memory)."""
-        engines = [role.engine for role in self.roles.values() if role.engine is not None]
         if mfc.kind is not MFCKind.GENERATE or not getattr(getattr(self.cfg, "rollout", None),
                                                              "offload_train_states", False):
             yield
             return
+        engines = [role.engine for role in self.roles.values() if role.engine is not None]
         from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
 
         states = (OffloadStateTypeEnum.optim_states, OffloadStateTypeEnum.hp_params, OffloadStateTypeEnum.lp_grads,
@@ -237,9 +237,8 @@ class Run:
         actor, ref = self.roles["actor"], self.roles["ref"]
         stats = actor.hybrid.blend_into(ref.hybrid, ema)
         ref.version += 1  # on every rank: kept inference copies of the reference are stale
-        element = torch.empty((), dtype=actor.hybrid.dtype).element_size()
         return {"realloc/ref_ema_s": time.perf_counter() - start,
-                "realloc/ref_ema_recv_bytes": float(stats.received_elements * element)}
+                "realloc/ref_ema_recv_bytes": float(stats.received_elements * actor.hybrid.dtype.itemsize)}
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -478,8 +477,9 @@ def _placement(allocation: Allocation, cfg: Any) -> str:
     return f"{label}@[{allocation.mesh}]"
 
 
-def plan_run(experiment: Experiment, cfg: Any, world: int) -> tuple[dict[str, Allocation], int]:
-    """The allocation of every MFC and the rows per step, validated before any process starts work."""
+def plan_run(experiment: Experiment, cfg: Any, world: int) -> tuple[dict[str, Path], dict[str, Allocation], int]:
+    """Each role's model folder, the allocation of every MFC (in topological order) and the rows per
+    step, validated before any process starts work."""
     specs = experiment.roles(cfg)
     paths = {spec.role: resolve_model_path(spec.path, spec.path_field) for spec in specs}
     models = {s.role: model_spec(AutoConfig.from_pretrained(paths[s.role]), value_head=s.head == "value")
@@ -490,7 +490,7 @@ def plan_run(experiment: Experiment, cfg: Any, world: int) -> tuple[dict[str, Al
                                       cfg.allocations, models, rows, per_prompt if experiment.group_train_rows else 1)
     minibatches = experiment.optimizer_steps_per_step(cfg) // getattr(getattr(cfg, "algo", None), "epochs", 1)
     check_training_rows(cfg, allocations, rows, minibatches)
-    return allocations, rows
+    return paths, allocations, rows
 
 
 def run_experiment(experiment: Experiment, cfg: Any) -> dict:
@@ -502,9 +502,8 @@ def run_experiment(experiment: Experiment, cfg: Any) -> dict:
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.train.seed)
-    allocations, rows = plan_run(experiment, cfg, world)
+    paths, allocations, rows = plan_run(experiment, cfg, world)
     specs = experiment.roles(cfg)
-    paths = {spec.role: resolve_model_path(spec.path, spec.path_field) for spec in specs}
     order = [allocation.mfc for allocation in allocations.values()]  # topological
     steps_per_step = experiment.optimizer_steps_per_step(cfg)
     tokenizer = AutoTokenizer.from_pretrained(paths[specs[0].role])

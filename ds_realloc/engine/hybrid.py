@@ -26,8 +26,8 @@ from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.layout.model import model_spec
 from ds_realloc.layout.plan import ReallocPlan
-from ds_realloc.models.generate import Generation, GenerationConfig, generate
-from ds_realloc.models.inference import InferenceModel, inference_model, score_logprobs, score_values
+from ds_realloc.models.generate import Generation, GenerationConfig
+from ds_realloc.models.inference import InferenceCall, InferenceModel, inference_model
 from ds_realloc.models.tp import TensorParallel
 from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import comm_device, group_of
@@ -132,20 +132,16 @@ class HybridEngine:
     def generate(self, layout: Layout, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  eos_token_ids: Sequence[int], pad_token_id: int, version: object | None = None) -> Generation | None:
         model = self.model_on(layout, version)
-        return None if model is None else generate(model, prompts, cfg, eos_token_ids, pad_token_id)
+        return None if model is None else InferenceCall(model).generate(prompts, cfg, eos_token_ids, pad_token_id)
 
     def logprobs(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  version: object | None = None) -> torch.Tensor | None:
         """Token log-probs [B, T-1] of a batch (reference / actor inference)."""
         model = self.model_on(layout, version)
-        if model is None:
-            return None
-        return score_logprobs(model, input_ids.to(self.device), attention_mask.to(self.device))
+        return None if model is None else InferenceCall(model).logprobs(input_ids, attention_mask)
 
     def values(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                version: object | None = None) -> torch.Tensor | None:
         """Per-token values [B, T] of a critic / reward model."""
         model = self.model_on(layout, version)
-        if model is None:
-            return None
-        return score_values(model, input_ids.to(self.device), attention_mask.to(self.device))
+        return None if model is None else InferenceCall(model).values(input_ids, attention_mask)

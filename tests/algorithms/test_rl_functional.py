@@ -7,7 +7,8 @@ import torch
 
 from ds_realloc.algorithms.functional import (AdaptiveKLController, RunningMeanStd, aggregate, gae_packed,
                                               group_advantages, kl_estimate, leave_one_out_advantages,
-                                              ppo_policy_loss, shape_rewards, token_logprobs, value_loss, whiten)
+                                              next_token_logprobs, ppo_policy_loss, shape_rewards, value_loss,
+                                              whiten)
 
 
 def test_gae_packed_by_hand():
@@ -106,6 +107,6 @@ def test_group_baselines():
 
 
 def test_entropy_and_logprobs_of_uniform_logits():
-    logprobs, entropy = token_logprobs(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]), entropy=True)
+    logprobs, entropy = next_token_logprobs(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]), entropy=True)
     torch.testing.assert_close(entropy, torch.full((1, 2), math.log(4)))
     torch.testing.assert_close(logprobs, torch.full((1, 2), -math.log(4)))
