@@ -122,7 +122,7 @@ def launch_workers(nprocs: int, argv: Sequence[str]) -> int:
 
 def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]) -> int:
     from ds_realloc.utils.config import format_help
-    from ds_realloc.utils.dist import under_launcher
+    from ds_realloc.utils.dist import COMMAND_START_VAR, command_start_time, under_launcher
 
     if "--help" in args or "-h" in args:
         print(f"ds-realloc {name}: {command.summary}\n\n"
@@ -135,8 +135,16 @@ def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]
         return 0
     launch = getattr(cfg, "launch", cfg)
     nprocs = launch.resolved_nprocs()
-    command.prepare(cfg, nprocs)
-    return launch_workers(nprocs, [name, *args])
+    start = os.environ.get(COMMAND_START_VAR)
+    os.environ[COMMAND_START_VAR] = repr(command_start_time())  # the ranks' summary.json wall_s counts from here
+    try:
+        command.prepare(cfg, nprocs)
+        return launch_workers(nprocs, [name, *args])
+    finally:
+        if start is None:
+            os.environ.pop(COMMAND_START_VAR)
+        else:
+            os.environ[COMMAND_START_VAR] = start
 
 
 BENCHMARKS = {"realloc": ("ds_realloc.bench.realloc", "ReallocBenchConfig"),

@@ -75,9 +75,11 @@ def default_train_meshes(train_mfcs: Sequence[str], world: int) -> dict[str, Dev
 
 
 def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc: Mapping[str, AllocationConfig],
-                        models: Mapping[str, ModelSpec], rows: int, train_rows_multiple: int = 1) -> dict[str, Allocation]:
+                        models: Mapping[str, ModelSpec], rows: int, train_rows_multiple: int = 1,
+                        slots_per_host: Sequence[int] | None = None) -> dict[str, Allocation]:
     """Every MFC's allocation, validated: meshes inside the world, strategies that fit their meshes,
-    tensor parallelism the model's heads allow, rows that split over the data-parallel groups."""
+    tensor parallelism the model's heads allow, rows that split over the data-parallel groups.
+    `slots_per_host` places hostfile-relative meshes (`node1:0-3`)."""
     names = {m.name for m in mfcs}
     for name in per_mfc:
         if name not in names:
@@ -88,7 +90,7 @@ def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc
     for mfc in mfcs:
         config = per_mfc.get(mfc.name, AllocationConfig())
         where = f"allocations.{mfc.name}"
-        mesh = parse_mesh(config.mesh, where=f"{where}.mesh") if config.mesh else train_meshes.get(mfc.name, everyone)
+        mesh = parse_mesh(config.mesh, slots_per_host, where=f"{where}.mesh") if config.mesh else train_meshes.get(mfc.name, everyone)
         outside = [r for r in mesh.ranks if r >= world]
         if outside:
             raise ConfigError(f"{where}.mesh: rank {outside[0]} is outside the world of {world} ranks")

@@ -66,6 +66,8 @@ class LaunchConfig:
     nprocs: int = option(0, "processes to start when the command is not run under a launcher "
                             "(0 = one per GPU, or 2 on a CPU-only machine)")
     dist_timeout_s: float = option(600.0, "seconds a rank waits in a collective before the job fails")
+    hostfile: str = option("", "hostfile (<host> slots=<n> lines) giving the slots per host for meshes like "
+                               "node1:0-3 ('' = the launcher's local world size)")
 
     def resolved_nprocs(self) -> int:
         if self.nprocs:

@@ -72,12 +72,18 @@ class MetricsWriter:
         self._tensorboard.flush()
 
     def truncate_after(self, step: int) -> None:
-        """Drop the rows of steps after `step` (a resumed run logs them again)."""
+        """Drop the rows of steps after `step` (a resumed run logs them again), in metrics.jsonl and in
+        tensorboard (a new event file whose purge step hides the older files' points after `step`)."""
         if not self.enabled:
             return
+        from torch.utils.tensorboard import SummaryWriter
+
         lines = self._path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
         self._path.write_text("".join(kept), encoding="utf-8")  # the appending handle goes on at the new end
+        log_dir = self._tensorboard.log_dir
+        self._tensorboard.close()
+        self._tensorboard = SummaryWriter(log_dir=log_dir, purge_step=step + 1)
 
     def close(self) -> None:
         if self.enabled:

@@ -40,7 +40,7 @@ from ds_realloc.models.generate import GenerationConfig
 from ds_realloc.models.inference import InferenceCall
 from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.utils.config import to_dict
-from ds_realloc.utils.dist import init_distributed, is_peer_failure
+from ds_realloc.utils.dist import command_start_time, init_distributed, is_peer_failure, slots_per_host
 from ds_realloc.utils.errors import ConfigError, PeerLost, UserError
 from ds_realloc.utils.logging import get_logger, setup_logging
 from ds_realloc.utils.memory import memory_stats
@@ -84,7 +84,7 @@ class Run:
     writer: MetricsWriter
     step: int = 0
     eval_before: dict[str, float] = field(default_factory=dict)
-    elapsed_before_s: float = 0.0
+    train_before_s: float = 0.0  # the training loop's seconds before a resume
     mfc_seconds: dict[str, list[float]] = field(default_factory=dict)
     doing: str = "start-up"  # what this rank is busy with, for the error when a peer dies
 
@@ -289,7 +289,7 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
-    def save_training_state(self, elapsed_s: float) -> None:
+    def save_training_state(self, train_s: float) -> None:
         """Each trained role's DeepSpeed checkpoint under tag step<N>, then the run's own state
         (checkpoints/step<N>.json) and `checkpoints/latest`, which names the tag --resume loads."""
         tag = f"step{self.step}"
@@ -306,7 +306,7 @@ class Run:
                 torch.save({n: t.cpu() for n, t in ref.hybrid.sources().items()}, folder / f"rank{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
-            state = {"step": self.step, "eval_before": self.eval_before, "elapsed_s": elapsed_s,
+            state = {"step": self.step, "eval_before": self.eval_before, "train_s": train_s,
                      "versions": {name: role.version for name, role in self.roles.items()}}
             (self.out / "checkpoints" / f"{tag}.json").write_text(json.dumps(state))
             (self.out / "checkpoints" / "latest").write_text(tag)
@@ -330,7 +330,7 @@ class Run:
                     interface = self.interfaces.get(mfc_name)
                     if interface is not None and hasattr(interface, "load_state_dict"):
                         interface.load_state_dict(interface_state)
-        self.step, self.eval_before, self.elapsed_before_s = state["step"], state["eval_before"], state["elapsed_s"]
+        self.step, self.eval_before, self.train_before_s = state["step"], state["eval_before"], state["train_s"]
         self.writer.truncate_after(self.step)
         logger.info("resumed %s at step %d from %s", self.experiment.command, self.step, self.out / "checkpoints")
 
@@ -352,7 +352,6 @@ class Run:
                            f"({str(error).splitlines()[0][:300]})") from None
 
     def _run(self) -> dict:
-        start = time.perf_counter()
         if self.cfg.output.resume:
             self.resume()
         elif self.eval_set:
@@ -362,8 +361,11 @@ class Run:
         table = StepTable(self.experiment.table, self.rank == 0)
         eval_after = dict(self.eval_before)
         every_eval, every_save = self.cfg.train.eval_every, self.cfg.train.save_every
+        train_s = self.train_before_s
         while self.step < self.total_steps:
+            step_start = time.perf_counter()
             values = self.train_step()
+            train_s += time.perf_counter() - step_start
             self.step += 1
             last = self.step == self.total_steps
             if (every_eval and self.step % every_eval == 0) or last:
@@ -372,7 +374,7 @@ class Run:
             self.writer.log(self.step, values)
             table.row(self.step, self.total_steps, values)
             if (every_save and self.step % every_save == 0) or last:
-                self.save_training_state(self.elapsed_before_s + time.perf_counter() - start)
+                self.save_training_state(train_s)
         if self.cfg.output.save_hf:
             for name, role in self.roles.items():
                 if role.engine is not None:
@@ -384,7 +386,8 @@ class Run:
             "steps": self.step,
             "eval_before": self.eval_before,
             "eval_after": eval_after,
-            "wall_s": self.elapsed_before_s + time.perf_counter() - start,
+            "wall_s": time.time() - command_start_time(),  # the whole command: start-up, evaluations, saving
+            "train_s": train_s,
             "allocations": {a.mfc.name: _placement(a, self.cfg) for a in self.allocations.values()},
             "mean_time_per_mfc_s": {name: sum(t) / len(t) for name, t in self.mfc_seconds.items()},
         }
@@ -487,7 +490,8 @@ def plan_run(experiment: Experiment, cfg: Any, world: int) -> tuple[dict[str, Pa
     per_prompt = experiment.samples_per_prompt(cfg)
     rows = cfg.train.batch_size * per_prompt
     allocations = resolve_allocations(topological_order(experiment.mfcs(cfg)), world, cfg.allocation,
-                                      cfg.allocations, models, rows, per_prompt if experiment.group_train_rows else 1)
+                                      cfg.allocations, models, rows, per_prompt if experiment.group_train_rows else 1,
+                                      slots_per_host(world, cfg.launch.hostfile))
     minibatches = experiment.optimizer_steps_per_step(cfg) // getattr(getattr(cfg, "algo", None), "epochs", 1)
     check_training_rows(cfg, allocations, rows, minibatches)
     return paths, allocations, rows

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ds_realloc.engine.factory import scoped_to
-from ds_realloc.models.hf_io import ShardedWriter
+from ds_realloc.models.hf_io import ShardedWriter, write_hf_metadata
 from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import comm_device
 from ds_realloc.utils.errors import UserError
@@ -55,11 +55,7 @@ def save_hf_model(module: nn.Module, tokenizer, out_dir: str | Path, writer: int
             shards.add(name, buffer)
     if is_writer:
         shards.close()
-        hf.config.dtype = dtype
-        hf.config.save_pretrained(out_dir)
-        if getattr(hf, "generation_config", None) is not None and hf.can_generate():
-            hf.generation_config.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        write_hf_metadata(hf, tokenizer, out_dir, dtype)
         logger.info("saved HF checkpoint to %s", out_dir)
     dist.barrier(group=group)
 

@@ -11,7 +11,7 @@ import deepspeed
 import torch.distributed as dist
 from torch import nn
 
-from ds_realloc.engine import deepspeed_compat  # noqa: F401 - scopes DeepSpeed's world-wide checks
+from ds_realloc.engine.deepspeed_compat import patch_deepspeed
 from ds_realloc.engine.ds_config import torch_dtype, zero_stage
 from ds_realloc.engine.loading import instantiate
 from ds_realloc.models.registry import Head
@@ -24,6 +24,7 @@ def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule
                        dp_group: dist.ProcessGroup | None = None):
     """A DeepSpeed training engine for the model in `model_dir`, built from a final DeepSpeed config;
     `lr_schedule(optimizer)` makes the LR scheduler unless the config names its own "scheduler"."""
+    patch_deepspeed()
     zero3 = ds_config if zero_stage(ds_config) == 3 else None
     mpu = DataParallelMPU(dp_group or dist.group.WORLD)
     module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, mpu)
@@ -79,6 +80,7 @@ class FrozenModel:
 def build_frozen_model(model_dir: Path, head: Head, ds_config: dict, offload: bool,
                        pad_token_id: int | None = None, dp_group: dist.ProcessGroup | None = None) -> FrozenModel:
     """A frozen model (reference, reward) for the model in `model_dir`."""
+    patch_deepspeed()
     zero3 = ds_config if zero_stage(ds_config) == 3 else None
     mpu = DataParallelMPU(dp_group or dist.group.WORLD)
     module = instantiate(model_dir, head, torch_dtype(ds_config), zero3, pad_token_id, mpu)

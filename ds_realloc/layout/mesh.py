@@ -78,7 +78,7 @@ def parse_mesh(text: str, slots_per_host: Sequence[int] | None = None, where: st
         if not host_match:
             raise ConfigError(f"{where}: cannot read host '{host}' in '{text}' (expected e.g. node1:0-3)")
         if slots_per_host is None:
-            raise ConfigError(f"{where}: '{text}' names a host but the number of slots per host is unknown")
+            raise ConfigError(f"{where}: '{text}' names a host but the number of slots per host is unknown (set launch.hostfile)")
         node = int(host_match.group(1))
         if node >= len(slots_per_host):
             raise ConfigError(f"{where}: host {node} in '{text}' does not exist ({len(slots_per_host)} hosts)")

@@ -139,3 +139,32 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
             (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         return final
+
+
+def write_hf_metadata(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """config.json, generation_config.json and the tokenizer files of an HF folder. (These writers do
+    not depend on the torch.distributed rank; `PreTrainedModel.save_pretrained` writes nothing on a
+    rank other than 0, so no HF folder of ours is written through it.)"""
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def save_hf_folder(model, tokenizer, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """An HF folder of a whole in-memory model, written by the calling process whatever its rank:
+    parameters (tied ones once, as HF stores them), persistent buffers, config and tokenizer."""
+    shards = ShardedWriter(out_dir, max_shard_bytes)
+    dtype = None
+    for name, param in model.named_parameters():
+        shards.add(name, param.data)
+        dtype = param.dtype
+    persistent = model.state_dict().keys()
+    for name, buffer in model.named_buffers():
+        if name in persistent:
+            shards.add(name, buffer)
+    shards.close()
+    write_hf_metadata(model, tokenizer, out_dir, dtype)

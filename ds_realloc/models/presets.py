@@ -75,12 +75,13 @@ def _tiny_gpt2_config(tokenizer) -> GPT2Config:
 
 def _build_random(make_config: Callable) -> Callable[[Path], None]:
     def build(out_dir: Path) -> None:
+        from ds_realloc.models.hf_io import save_hf_folder
+
         tokenizer = byte_level_tokenizer()
         config = make_config(tokenizer)
         torch.manual_seed(_TINY_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        save_hf_folder(model, tokenizer, out_dir)
 
     return build
 
@@ -117,18 +118,48 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _loadable(folder: Path) -> str | None:
+    """Why an HF folder does not load (config, tokenizer, every weight the config expects), or None.
+    Cheap: reads the config and the safetensors headers, not the weights."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        AutoTokenizer.from_pretrained(folder)
+        with torch.device("meta"):
+            expected = {n for n, _ in AutoModelForCausalLM.from_config(config).named_parameters()}
+        stored: set[str] = set()
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as handle:
+                stored.update(handle.keys())
+    except (OSError, ValueError, KeyError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = expected - stored - tied
+    return f"no weights for {sorted(missing)[:3]}" if missing else None
+
+
 def materialise_preset(name: str) -> Path:
-    """The cache folder of a preset, built on first use (under a lock; atomically renamed into place)."""
+    """The cache folder of a preset, built on first use (under a lock; atomically renamed into place).
+    It is marked complete only once it loads; a folder marked complete that does not load (an older
+    version's build on a non-zero rank wrote no weights) is rebuilt."""
     target = cache_dir() / "models" / name
-    if (target / _COMPLETE_MARK).exists():
+    if (target / _COMPLETE_MARK).exists() and _loadable(target) is None:
         return target
     with _locked(cache_dir() / "models" / f"{name}.lock"):
         if (target / _COMPLETE_MARK).exists():
-            return target
+            problem = _loadable(target)
+            if problem is None:
+                return target
+            logger.warning("model cache %s is marked complete but does not load (%s); rebuilding it", target, problem)
         staging = target.with_name(f"{name}.building-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         logger.info("preparing model %s in %s (once per machine)", name, target)
         PRESETS[name](staging)
+        problem = _loadable(staging)
+        if problem is not None:
+            raise ModelError(f"building model preset {name} in {staging} gave a folder that does not load: {problem}")
         (staging / _COMPLETE_MARK).write_text("ok\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

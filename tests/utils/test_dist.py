@@ -20,3 +20,23 @@ def test_no_launcher_outside_srun_steps_and_without_rank_vars():
     assert not under_launcher({"SLURM_PROCID": "0"})
     assert not under_launcher({})
     assert under_launcher({"RANK": "0"}) and under_launcher({"OMPI_COMM_WORLD_RANK": "1"})
+
+
+def test_slots_per_host_come_from_the_launcher_or_the_hostfile(tmp_path):
+    import pytest
+
+    from ds_realloc.utils.dist import slots_per_host
+    from ds_realloc.utils.errors import ConfigError
+
+    assert slots_per_host(8, environ={"RANK": "0", "LOCAL_WORLD_SIZE": "4"}) == [4, 4]  # torchrun
+    assert slots_per_host(4, environ={"RANK": "0", "LOCAL_SIZE": "2"}) == [2, 2]  # deepspeed launcher
+    assert slots_per_host(4, environ={"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == [4]
+    assert slots_per_host(4, environ={"SLURM_PROCID": "0", "SLURM_NTASKS_PER_NODE": "2(x2)"}) == [2, 2]
+    assert slots_per_host(2, environ={}) == [2]  # we launch the job ourselves: one host
+    assert slots_per_host(4, environ={"RANK": "0"}) is None  # a launcher that says nothing
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two machines\nworker-0 slots=8\nworker-1 slots=4\n")
+    assert slots_per_host(12, str(hostfile), environ={"RANK": "0"}) == [8, 4]
+    hostfile.write_text("worker-0 slots=8\nworker-1 gpus=4\n")
+    with pytest.raises(ConfigError, match=r"hostfile:2: expected '<hostname> slots=<processes>'"):
+        slots_per_host(12, str(hostfile))
