@@ -54,9 +54,10 @@ class DPOInterface:
     def train_step(self, engine, batch: Batch) -> Metrics:
         def loss_of(rows: slice, metrics: Metrics):
             losses, tokens = self._pair_metrics(engine, batch, rows, None, metrics)
-            return losses.mean(), tokens
+            return losses.sum(), tokens
 
-        return train_micro_batches(engine, len(batch["pair"]), self.micro_batch_size, loss_of)
+        return train_micro_batches(engine, len(batch["pair"]), self.micro_batch_size, loss_of,
+                                   lambda rows: len(batch["pair"][rows]))  # the mean over the step's pairs
 
     @torch.no_grad()
     def evaluate(self, model, batch: Batch) -> Metrics:

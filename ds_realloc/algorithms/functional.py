@@ -105,14 +105,20 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator '{kind}' (k1 or k3)")
 
 
+def shape_scores(scores: torch.Tensor, clip: float | None = None, scale: float = 1.0,
+                 bias: float = 0.0) -> torch.Tensor:
+    """clip((score - bias) * scale, +-clip): every sequence score the advantages see (ReMax's
+    greedy baseline included) goes through this one transform."""
+    scores = (scores - bias) * scale
+    return scores.clamp(-clip, clip) if clip is not None else scores
+
+
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, cu_seqlens: torch.Tensor, kl_coef: float,
                   clip: float | None = None, scale: float = 1.0, bias: float = 0.0) -> torch.Tensor:
-    """Per-token rewards [N]: -kl_coef * KL on every action, plus the sequence score
-    (clip((score - bias) * scale)) on its last action."""
+    """Per-token rewards [N]: -kl_coef * KL on every action, plus the shaped sequence score
+    (`shape_scores`) on its last action."""
     rewards = -kl_coef * kl
-    scores = (scores - bias) * scale
-    if clip is not None:
-        scores = scores.clamp(-clip, clip)
+    scores = shape_scores(scores, clip, scale, bias)
     last = cu_seqlens[1:] - 1
     rewards = rewards.clone()
     rewards[last] += scores.to(rewards.dtype)
@@ -134,7 +140,9 @@ class FixedKLController:
 
 
 class AdaptiveKLController(FixedKLController):
-    """Ziegler et al. 2019: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * steps / horizon."""
+    """Ziegler et al. 2019: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * steps / horizon, with KL
+    the step's mean per-sequence KL (summed over tokens) and steps its sequence count, both over
+    every rank of the step."""
 
     def __init__(self, coef: float, target: float, horizon: int):
         super().__init__(coef)
@@ -188,41 +196,74 @@ class RunningMeanStd:
         self.mean, self.mean_sq, self.count = state["mean"], state["mean_sq"], state["count"]
 
 
-def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Token-mean (every action weighs the same), sequence-mean (every sequence weighs the same) or
-    token-sum / constant (Dr. GRPO: `mode` = "token-sum", normalised by the mask's width)."""
-    mask = mask.to(losses.dtype)
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RENAMED_AGGREGATIONS = {"token-sum": "seq-mean-token-sum-norm", "seq-mean": "seq-mean-token-mean"}
+
+
+def loss_units(lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """What an aggregate divides by, for rows of these action counts: their tokens (token-mean) or
+    their sequences (seq-mean-*). The divisor of an optimizer step is the sum over all of its rows
+    on all ranks, so the loss is exactly the named mean however the rows are split."""
     if mode == "token-mean":
-        return (losses * mask).sum() / mask.sum().clamp(min=1)
-    if mode == "seq-mean":
-        return ((losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    if mode == "token-sum":
-        return (losses * mask).sum() / (mask.shape[0] * mask.shape[-1])
+        return lengths.sum().to(torch.float64)
+    if mode in LOSS_AGGREGATIONS:
+        return (lengths > 0).sum().to(torch.float64)
     raise ValueError(f"unknown loss aggregation '{mode}'")
 
 
+def aggregate_sum(losses: torch.Tensor, mask: torch.Tensor, mode: str, norm_tokens: int | None = None) -> torch.Tensor:
+    """The rows' share of an aggregate loss before the step-wide division by `loss_units`:
+    token-mean: the sum of every action's loss; seq-mean-token-mean: the sum over sequences of each
+    one's mean; seq-mean-token-sum-norm (Dr. GRPO): the sum over sequences of each one's token sum
+    divided by the constant `norm_tokens` (rollout.max_new_tokens), so a row's weight depends on
+    nothing else in its micro-batch."""
+    mask = mask.to(losses.dtype)
+    if mode == "token-mean":
+        return (losses * mask).sum()
+    if mode == "seq-mean-token-mean":
+        return ((losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    if mode == "seq-mean-token-sum-norm":
+        if not norm_tokens:
+            raise ValueError("seq-mean-token-sum-norm needs the constant divisor norm_tokens")
+        return (losses * mask).sum() / norm_tokens
+    raise ValueError(f"unknown loss aggregation '{mode}'")
+
+
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, norm_tokens: int | None = None) -> torch.Tensor:
+    """The aggregate loss of one batch that is a whole optimizer step: aggregate_sum / loss_units."""
+    units = loss_units(mask.sum(-1), mode).clamp(min=1)
+    return aggregate_sum(losses, mask, mode, norm_tokens) / units.to(losses.dtype)
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float, mode: str = "token-mean") -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate loss max(-A r, -A clip(r, 1-eps, 1+eps)) with r = pi / pi_old; also the
-    clipped fraction and the approximate KL to the old policy."""
+                    mask: torch.Tensor, clip: float, mode: str = "token-mean", norm_tokens: int | None = None,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps)) with r = pi / pi_old, each token's loss
+    times `weights` (truncated importance sampling) when given, as `aggregate_sum`; also the sums
+    over the actions of the clipped count, the approximate KL 0.5 (log r)^2 and r (divide by the
+    action count for the fractions)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    if weights is not None:
+        losses = losses * weights
     with torch.no_grad():
-        clipped = masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
-        approx_kl = masked_mean(0.5 * log_ratio * log_ratio, mask)
-        mean_ratio = masked_mean(ratio, mask)
-    return aggregate(losses, mask, mode), {"clip_fraction": clipped, "approx_kl": approx_kl, "ratio": mean_ratio}
+        m = mask.to(ratio.dtype)
+        stats = {"clip_fraction": float((((ratio - 1.0).abs() > clip).to(m.dtype) * m).sum()),
+                 "approx_kl": float((0.5 * log_ratio * log_ratio * m).sum()),
+                 "ratio": float((ratio * m).sum())}
+    return aggregate_sum(losses, mask, mode, norm_tokens), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float | None, mode: str = "token-mean") -> torch.Tensor:
-    """0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2), or the plain squared error."""
+               clip: float | None, mode: str = "token-mean", norm_tokens: int | None = None) -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2), or the plain squared error, as
+    `aggregate_sum`."""
     losses = (values - returns) ** 2
     if clip is not None:
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         losses = torch.max(losses, (clipped - returns) ** 2)
-    return 0.5 * aggregate(losses, mask, mode)
+    return 0.5 * aggregate_sum(losses, mask, mode, norm_tokens)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
 
 from ds_realloc.data.datasets import pad_sequences
 
 Batch = dict[str, list]
-Metrics = dict[str, tuple[float, float | None]]
+MAX = "max"  # the count of a metric reduced by its largest value (over micro-batches, calls and ranks)
+Metrics = dict[str, tuple[float, float | None | str]]
 
 
 class TrainInterface(Protocol):
@@ -36,28 +38,51 @@ def micro_slices(batch_len: int, micro_batch_size: int) -> list[slice]:
     return [slice(i, min(i + micro_batch_size, batch_len)) for i in range(0, batch_len, micro_batch_size)]
 
 
-def add_metric(metrics: Metrics, name: str, total: float, count: float | None) -> None:
-    """Accumulate a (sum, count) metric."""
+def add_metric(metrics: Metrics, name: str, total: float, count: float | None | str) -> None:
+    """Accumulate a (sum, count) metric (count MAX: keep the largest value)."""
+    if count == MAX:
+        metrics[name] = (max(metrics[name][0], total) if name in metrics else total, MAX)
+        return
     old_total, old_count = metrics.get(name, (0.0, 0.0 if count is not None else None))
     metrics[name] = (old_total + total, None if count is None else old_count + count)
 
 
+def global_sum(value: float, group) -> float:
+    """`value` summed over the ranks of `group` (no communication without one)."""
+    if group is None:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    return float(total.item())
+
+
 def train_micro_batches(engine, batch_len: int, micro_batch_size: int,
-                        loss_of: Callable[[slice, Metrics], tuple[torch.Tensor, float]]) -> Metrics:
-    """One optimizer step over a batch in micro-batches: `loss_of(rows, metrics)` returns the loss of
-    the rows (and adds its metrics) and the number of tokens it processed. The accumulation boundary
-    is the batch's last micro-batch, whatever the engine's configured accumulation count (RAFT, PPO
-    minibatches and evaluation padding train on fewer rows than a step's), and each micro-batch's
-    loss counts 1 / (number of micro-batches)."""
+                        loss_of: Callable[[slice, Metrics], tuple[torch.Tensor, float]],
+                        units_of: Callable[[slice], float]) -> Metrics:
+    """One optimizer step over a batch in micro-batches, with the loss aggregated exactly as named
+    whatever the split. `loss_of(rows, metrics)` returns the rows' *summed* share of the loss (e.g.
+    the sum of their token losses) and the tokens it processed; `units_of(rows)` what the aggregate
+    divides by for those rows (their tokens, sequences or pairs). Every micro-batch backpropagates
+    share x dp / units of the whole step on all data-parallel ranks: DeepSpeed averages gradients
+    over its dp ranks, so the gradient is exactly that of sum(shares) / sum(units). The accumulation
+    boundary is the batch's last micro-batch, whatever the engine's configured accumulation count
+    (RAFT, PPO minibatches and evaluation padding train on fewer rows than a step's)."""
     metrics: Metrics = {}
     slices = micro_slices(batch_len, micro_batch_size)
+    units = global_sum(sum(float(units_of(rows)) for rows in slices), engine_group(engine))
+    scale = engine.dp_world_size / max(units, 1e-12)
     for i, rows in enumerate(slices):
         engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
-        loss, tokens = loss_of(rows, metrics)
-        engine.backward(loss / len(slices), scale_wrt_gas=False)
+        share, tokens = loss_of(rows, metrics)
+        engine.backward(share * scale, scale_wrt_gas=False)
         engine.step()
         add_metric(metrics, "tokens", tokens, None)
     return metrics
+
+
+def engine_group(engine):
+    """The data-parallel process group of a DeepSpeed engine (None when it is alone)."""
+    return engine.data_parallel_group if engine.dp_world_size > 1 else None
 
 
 def to_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -31,9 +31,10 @@ class RewardModelInterface:
             chosen, rejected, tokens = self._scores(engine, batch["pair"][rows])
             losses = bradley_terry_loss(chosen, rejected)
             add_pair_metrics(metrics, losses, chosen, rejected, torch.ones_like(losses))
-            return losses.mean(), tokens
+            return losses.sum(), tokens
 
-        return train_micro_batches(engine, len(batch["pair"]), self.micro_batch_size, loss_of)
+        return train_micro_batches(engine, len(batch["pair"]), self.micro_batch_size, loss_of,
+                                   lambda rows: len(batch["pair"][rows]))  # the mean over the step's pairs
 
     @torch.no_grad()
     def evaluate(self, model, batch: Batch) -> Metrics:

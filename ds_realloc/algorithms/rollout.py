@@ -136,14 +136,17 @@ class RewardModelInterface:
 
 @dataclass(frozen=True)
 class LogprobsInterface:
-    """Log-probs of the completion tokens under a model (the reference policy)."""
+    """Log-probs of the completion tokens under a model (the reference policy), at the policy's
+    temperature (`models.generate.policy_temperature`)."""
 
     pad_id: int
+    temperature: float = 1.0
     output: str = "ref_logprobs"
 
     def inference(self, call, batch: Batch) -> Batch:
         rollouts = rollouts_of(batch, self.pad_id)
-        logprobs = call.logprobs(rollouts.input_ids, rollouts.attention_mask, rollouts.max_actions).float().cpu()
+        logprobs = call.logprobs(rollouts.input_ids, rollouts.attention_mask, rollouts.max_actions,
+                                 self.temperature).float().cpu()
         return {self.output: rollouts.actions_of(logprobs)}
 
 

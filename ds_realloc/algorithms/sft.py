@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_realloc.algorithms.functional import sft_loss, token_logprobs
+from ds_realloc.algorithms.functional import token_logprobs
 from ds_realloc.algorithms.interface import (Batch, Metrics, add_metric, micro_slices, to_device,
                                               train_micro_batches)
 from ds_realloc.data.datasets import pad_sequences
@@ -24,13 +24,16 @@ class SFTInterface:
         return model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t
 
     def train_step(self, engine, batch: Batch) -> Metrics:
+        """Token-mean cross-entropy over every answer token of the step, on all ranks."""
+
         def loss_of(rows: slice, metrics: Metrics):
             logits, t = self._forward(engine, batch["seq"][rows])
-            loss = sft_loss(logits, t["input_ids"], t["loss_mask"])
-            add_metric(metrics, "loss", loss.item(), 1)
-            return loss, float(t["attention_mask"].sum())
+            nll = -(token_logprobs(logits, t["input_ids"]) * t["loss_mask"][:, 1:]).sum()
+            add_metric(metrics, "loss", nll.item(), float(t["loss_mask"][:, 1:].sum()))
+            return nll, float(t["attention_mask"].sum())
 
-        return train_micro_batches(engine, len(batch["seq"]), self.micro_batch_size, loss_of)
+        return train_micro_batches(engine, len(batch["seq"]), self.micro_batch_size, loss_of,
+                                   lambda rows: sum(sum(s.loss_mask[1:]) for s in batch["seq"][rows]))
 
     @torch.no_grad()
     def evaluate(self, model, batch: Batch) -> Metrics:

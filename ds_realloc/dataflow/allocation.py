@@ -42,7 +42,7 @@ class Allocation:
     @property
     def dp_groups(self) -> tuple[tuple[int, ...], ...]:
         """The ranks of each data-parallel group (a group shares its rows), in dp order."""
-        if self.mfc.kind is MFCKind.TRAIN:
+        if self.mfc.kind.on_engine:
             return tuple((rank,) for rank in self.mesh.ranks)
         s = self.strategy
         return tuple(tuple(self.mesh.ranks[s.index(dp, tp, 0)] for tp in range(s.tp)) for dp in range(s.dp))
@@ -87,30 +87,40 @@ def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc
     everyone = DeviceMesh(tuple(range(world)))
     train_meshes = default_train_meshes([m.name for m in mfcs if m.kind is MFCKind.TRAIN], world)
     allocations = {}
-    for mfc in mfcs:
+    trainers = {m.role: m.name for m in mfcs if m.kind is MFCKind.TRAIN}
+    for mfc in [m for m in mfcs if m.kind is not MFCKind.SCORE]:
         config = per_mfc.get(mfc.name, AllocationConfig())
         where = f"allocations.{mfc.name}"
         mesh = parse_mesh(config.mesh, slots_per_host, where=f"{where}.mesh") if config.mesh else train_meshes.get(mfc.name, everyone)
         outside = [r for r in mesh.ranks if r >= world]
         if outside:
             raise ConfigError(f"{where}.mesh: rank {outside[0]} is outside the world of {world} ranks")
-        default = "zero3" if mfc.kind is MFCKind.TRAIN else (shorthand or f"d{mesh.size}")
+        has_model = mfc.role in models
+        default = "zero3" if mfc.kind is MFCKind.TRAIN else ((shorthand if has_model else "") or f"d{mesh.size}")
         text = config.strategy or default
-        from_shorthand = shorthand and not config.strategy and mfc.kind is not MFCKind.TRAIN
+        from_shorthand = shorthand and has_model and not config.strategy and mfc.kind is not MFCKind.TRAIN
         field = f"allocation ({mfc.name})" if from_shorthand else f"{where}.strategy"
         strategy = _strategy(mfc, text, mesh, field)
+        if not has_model and strategy.tp > 1:
+            raise ConfigError(f"{field}: {mfc.name} runs no model, so it has no tensor parallelism; use d{mesh.size}")
         allocation = Allocation(mfc, mesh, strategy)
         groups = len(allocation.dp_groups)
         if rows % groups:
             raise ConfigError(f"{where}: {groups} data-parallel groups do not divide the {rows} samples of a step "
                               f"(train.batch_size x samples per prompt)")
-        if mfc.kind is MFCKind.TRAIN and (rows // groups) % train_rows_multiple:
-            raise ConfigError(f"{where}: each of the {groups} training ranks gets {rows // groups} samples, not a "
-                              f"multiple of the {train_rows_multiple} samples of one prompt")
+        if (mfc.kind is MFCKind.TRAIN or mfc.whole_groups) and (rows // groups) % train_rows_multiple:
+            raise ConfigError(f"{where}: each of the {groups} data-parallel groups gets {rows // groups} samples, "
+                              f"not a multiple of the {train_rows_multiple} samples of one prompt")
         if mfc.kind is not MFCKind.TRAIN and mfc.role in models and strategy.tp > 1:
             try:  # the shard rules raise when tp does not fit the heads (GQA included) or the MLP
                 Layout(models[mfc.role], mesh, strategy, fused=True).buffers(mesh.ranks[0])
             except ConfigError as e:
                 raise ConfigError(f"{field}: {text}: {e}") from None
         allocations[mfc.name] = allocation
-    return allocations
+    for mfc in [m for m in mfcs if m.kind is MFCKind.SCORE]:  # on the engine its role trains with
+        if mfc.name in per_mfc:
+            raise ConfigError(f"allocations.{mfc.name}: {mfc.name} runs on the training engine of "
+                              f"{trainers.get(mfc.role, mfc.role)}; set allocations.{trainers.get(mfc.role)} instead")
+        trainer = allocations[trainers[mfc.role]]
+        allocations[mfc.name] = Allocation(mfc, trainer.mesh, trainer.strategy)
+    return {m.name: allocations[m.name] for m in mfcs}

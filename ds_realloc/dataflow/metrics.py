@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ds_realloc.algorithms.interface import Metrics
+from ds_realloc.algorithms.interface import MAX, Metrics
 from ds_realloc.utils.dist import comm_device
 
 
@@ -27,16 +27,19 @@ def _union(names: dict[str, bool], group=None) -> dict[str, bool]:
 
 
 def reduce_metrics(metrics: Metrics, group=None) -> dict[str, float]:
-    """Global values of (sum, count) metrics: sum/count over all ranks, or the plain sum when count is None."""
+    """Global values of (sum, count) metrics: sum/count over all ranks, the plain sum when count is
+    None, the largest value when it is MAX."""
+    largest = reduce_max({name: value for name, (value, count) in metrics.items() if count == MAX}, group)
+    metrics = {name: value for name, value in metrics.items() if value[1] != MAX}
     kinds = _union({name: count is None for name, (_, count) in metrics.items()}, group)
     if not kinds:
-        return {}
+        return largest
     rows = [[metrics.get(name, (0.0, 0.0))[0], 0.0 if is_sum else metrics.get(name, (0.0, 0.0))[1]]
             for name, is_sum in kinds.items()]
     sums = torch.tensor(rows, dtype=torch.float64, device=comm_device())
     dist.all_reduce(sums, group=group)
-    return {name: total if is_sum else total / max(count, 1e-12)
-            for (name, is_sum), (total, count) in zip(kinds.items(), sums.tolist())}
+    return {**largest, **{name: total if is_sum else total / max(count, 1e-12)
+                          for (name, is_sum), (total, count) in zip(kinds.items(), sums.tolist())}}
 
 
 def reduce_max(values: dict[str, float], group=None) -> dict[str, float]:

@@ -14,9 +14,15 @@ from ds_realloc.utils.errors import ConfigError
 
 
 class MFCKind(str, Enum):
-    GENERATE = "generate"
-    INFERENCE = "inference"
-    TRAIN = "train"
+    GENERATE = "generate"  # on a layout reallocated from the role's weights
+    INFERENCE = "inference"  # likewise (or no model at all: a reward function, the RL targets)
+    TRAIN = "train"  # the role's DeepSpeed engine on its training mesh
+    SCORE = "score"  # a no-grad forward of the role's training engine, on the training mesh (PPO's recompute)
+
+    @property
+    def on_engine(self) -> bool:
+        """Runs on the role's own training engine (its mesh, one data-parallel rank per row group)."""
+        return self in (MFCKind.TRAIN, MFCKind.SCORE)
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class MFC:
     kind: MFCKind
     input_keys: tuple[str, ...]
     output_keys: tuple[str, ...] = ()
+    whole_groups: bool = False  # each data-parallel group must hold all samples of its prompts (GRPO's groups)
 
 
 def dataset_keys(mfcs: Sequence[MFC]) -> set[str]:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_realloc.algorithms.policy import CriticTrainInterface, PolicyConfig, PolicyTrainInterface, RaftTrainInterface
+from ds_realloc.algorithms.policy import (CriticTrainInterface, CriticValuesInterface, PolicyConfig,
+                                         PolicyLogprobsInterface, PolicyTrainInterface, RaftTrainInterface,
+                                         TargetsInterface)
 from ds_realloc.algorithms.rollout import (GenerateInterface, LogprobsInterface, RewardFunctionInterface,
                                            RewardModelInterface, ValuesInterface)
 from ds_realloc.data.rewards import load_reward_function
@@ -21,7 +23,7 @@ from ds_realloc.dataflow.config import RunConfig, TrainConfig
 from ds_realloc.dataflow.experiments import Experiment, InterfaceContext, RefConfig, RoleSpec
 from ds_realloc.dataflow.mfc import MFC, MFCKind
 from ds_realloc.engine.config import OptimConfig
-from ds_realloc.models.generate import GenerationConfig
+from ds_realloc.models.generate import GenerationConfig, policy_temperature
 from ds_realloc.utils.config import invalid, option
 
 G, I, T = MFCKind.GENERATE, MFCKind.INFERENCE, MFCKind.TRAIN
@@ -98,6 +100,8 @@ def _roles(cfg: RLConfig, critic: bool, reference: bool) -> list[RoleSpec]:
 
 
 _ROLLOUT = ("prompt", "completion", "gen_logprobs", "truncated", "score")
+_TARGETS = ("advantages", "kl", "kl_coef")
+S = MFCKind.SCORE
 
 
 def _uses_reference(cfg: RLConfig) -> bool:
@@ -109,6 +113,11 @@ def _generation(cfg: RLConfig, greedy: bool = False) -> GenerationConfig:
     return GenerationConfig(**{**fields, "greedy": greedy or cfg.rollout.greedy})
 
 
+def _temperature(cfg: RLConfig) -> float:
+    """The policy's temperature: one value for generation, the reference, the recompute and training."""
+    return policy_temperature(_generation(cfg))
+
+
 def _reward(cfg: RLConfig, ctx: InterfaceContext, completion_key: str = "completion", output: str = "score"):
     if cfg.reward.model:
         return RewardModelInterface(ctx.pad_id, completion_key, output)
@@ -116,7 +125,7 @@ def _reward(cfg: RLConfig, ctx: InterfaceContext, completion_key: str = "complet
                                    completion_key, output)
 
 
-def _rollout_mfcs(cfg: RLConfig) -> list[MFC]:
+def _sampling_mfcs(cfg: RLConfig) -> list[MFC]:
     mfcs = [MFC("actor_gen", "actor", G, ("prompt",), ("completion", "gen_logprobs", "truncated")),
             MFC("rew_inf", "reward", I, ("prompt", "completion"), ("score",))]
     if _uses_reference(cfg):
@@ -124,16 +133,37 @@ def _rollout_mfcs(cfg: RLConfig) -> list[MFC]:
     return mfcs
 
 
-def _train_inputs(cfg: RLConfig, *extra: str) -> tuple[str, ...]:
-    return (*_ROLLOUT, *(("ref_logprobs",) if _uses_reference(cfg) else ()), *extra)
+def _policy_mfcs(cfg: RLConfig, critic: bool = False, extra_scores: tuple[str, ...] = ()) -> list[MFC]:
+    """What every policy-gradient step has after sampling: the recompute of the old log-probs (and
+    values), the critic's values, the step's targets computed once, and the actor's update."""
+    recompute = cfg.algo.recompute
+    mfcs = []
+    if recompute:
+        mfcs.append(MFC("actor_logp", "actor", S, ("prompt", "completion"), ("old_logprobs",)))
+    if critic:
+        mfcs.append(MFC("critic_values", "critic", S, ("prompt", "completion"), ("values",)) if recompute else
+                    MFC("critic_inf", "critic", I, ("prompt", "completion"), ("values",)))
+    policy = ("gen_logprobs", *(("old_logprobs",) if recompute else ()))
+    reference = ("ref_logprobs",) if _uses_reference(cfg) else ()
+    mfcs.append(MFC("rl_targets", "targets", I,
+                    ("completion", *policy, "truncated", "score", *reference, *(("values",) if critic else ()),
+                     *extra_scores),
+                    (*_TARGETS, *(("returns",) if cfg.algo.advantage == "gae" else ())), whole_groups=True))
+    loss_reference = reference if not cfg.algo.kl_in_reward else ()
+    mfcs.append(MFC("actor_train", "actor", T, (*_ROLLOUT, *policy[1:], *_TARGETS, *loss_reference)))
+    if critic:
+        mfcs.append(MFC("critic_train", "critic", T, ("prompt", "completion", "values", "returns")))
+    return mfcs
 
 
 def _policy_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
-    interfaces = {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id),
-                  "rew_inf": _reward(cfg, ctx), "ref_inf": LogprobsInterface(ctx.pad_id),
-                  "actor_train": PolicyTrainInterface(cfg.algo, cfg.train.micro_batch_size, ctx.pad_id,
-                                                      cfg.rollout.samples_per_prompt, ctx.groups.get("actor_train"))}
-    return interfaces
+    algo, micro, temperature = cfg.algo, cfg.train.micro_batch_size, _temperature(cfg)
+    return {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id),
+            "rew_inf": _reward(cfg, ctx), "ref_inf": LogprobsInterface(ctx.pad_id, temperature),
+            "actor_logp": PolicyLogprobsInterface(ctx.pad_id, micro, algo.minibatches, temperature),
+            "rl_targets": TargetsInterface(algo, cfg.rollout.samples_per_prompt, ctx.groups.get("rl_targets")),
+            "actor_train": PolicyTrainInterface(algo, micro, ctx.pad_id, temperature, cfg.rollout.max_new_tokens,
+                                                ctx.groups.get("actor_train"))}
 
 
 # -- PPO -------------------------------------------------------------------------------------------------
@@ -145,16 +175,14 @@ class PPOConfig(RLConfig):
 
 
 def _ppo_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
-    return (*_rollout_mfcs(cfg),
-            MFC("critic_inf", "critic", I, ("prompt", "completion"), ("values",)),
-            MFC("actor_train", "actor", T, _train_inputs(cfg, "values")),
-            MFC("critic_train", "critic", T, _train_inputs(cfg, "values")))
+    return (*_sampling_mfcs(cfg), *_policy_mfcs(cfg, critic=True))
 
 
 def _ppo_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
+    micro = cfg.train.micro_batch_size
     return {**_policy_interfaces(cfg, ctx), "critic_inf": ValuesInterface(ctx.pad_id),
-            "critic_train": CriticTrainInterface(cfg.algo, cfg.train.micro_batch_size, ctx.pad_id,
-                                                 ctx.groups.get("critic_train"))}
+            "critic_values": CriticValuesInterface(ctx.pad_id, micro, cfg.algo.minibatches),
+            "critic_train": CriticTrainInterface(cfg.algo, micro, ctx.pad_id, cfg.rollout.max_new_tokens)}
 
 
 _TABLE = (("reward", "actor/reward"), ("kl", "actor/kl"), ("length", "actor/response_length"),
@@ -191,7 +219,7 @@ class GRPOConfig(RLConfig):
 
 
 def _group_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
-    return (*_rollout_mfcs(cfg), MFC("actor_train", "actor", T, _train_inputs(cfg)))
+    return (*_sampling_mfcs(cfg), *_policy_mfcs(cfg))
 
 
 GRPO = _rl_experiment("grpo", "GRPO: group-normalised advantages over several samples per prompt, no critic",
@@ -220,11 +248,11 @@ class ReMaxConfig(RLConfig):
 
 
 def _remax_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
-    return (*_rollout_mfcs(cfg),
+    return (*_sampling_mfcs(cfg),
             MFC("actor_greedy_gen", "actor", G, ("prompt",),
                 ("greedy_completion", "greedy_logprobs", "greedy_truncated")),
             MFC("rew_greedy_inf", "reward", I, ("prompt", "greedy_completion"), ("greedy_score",)),
-            MFC("actor_train", "actor", T, _train_inputs(cfg, "greedy_score")))
+            *_policy_mfcs(cfg, extra_scores=("greedy_score",)))
 
 
 def _remax_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
@@ -249,13 +277,15 @@ class RAFTConfig(RLConfig):
 
 
 def _raft_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
-    return (*_rollout_mfcs(cfg), MFC("actor_train", "actor", T, ("prompt", "completion", "score")))
+    return (*_sampling_mfcs(cfg), MFC("actor_train", "actor", T, ("prompt", "completion", "score")))
 
 
 def _raft_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
+    temperature = _temperature(cfg)
     return {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id), "rew_inf": _reward(cfg, ctx),
-            "ref_inf": LogprobsInterface(ctx.pad_id),
-            "actor_train": RaftTrainInterface(cfg.train.micro_batch_size, ctx.pad_id, cfg.rollout.samples_per_prompt)}
+            "ref_inf": LogprobsInterface(ctx.pad_id, temperature),
+            "actor_train": RaftTrainInterface(cfg.train.micro_batch_size, ctx.pad_id, cfg.rollout.samples_per_prompt,
+                                              temperature=temperature)}
 
 
 RAFT = _rl_experiment("raft", "RAFT: reward-ranked fine-tuning on the best of several samples per prompt",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from ds_realloc.algorithms.interface import Metrics, add_metric
 from ds_realloc.algorithms.rollout import GenerateInterface
 from ds_realloc.comm.batches import exchange, route
 from ds_realloc.data.datasets import ChatFormatter, load_records, tokenize_records
-from ds_realloc.data.rewards import final_number_matches
 from ds_realloc.data.sampler import StepSampler
 from ds_realloc.dataflow.allocation import Allocation, resolve_allocations
 from ds_realloc.dataflow.experiments import Experiment, InterfaceContext
@@ -40,7 +40,7 @@ from ds_realloc.models.generate import GenerationConfig
 from ds_realloc.models.inference import InferenceCall
 from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.utils.config import to_dict
-from ds_realloc.utils.dist import command_start_time, init_distributed, is_peer_failure, slots_per_host
+from ds_realloc.utils.dist import command_start_time, group_of, init_distributed, is_peer_failure, slots_per_host
 from ds_realloc.utils.errors import ConfigError, PeerLost, UserError
 from ds_realloc.utils.logging import get_logger, setup_logging
 from ds_realloc.utils.memory import memory_stats
@@ -136,22 +136,26 @@ class Run:
                 evaluating: bool = False) -> tuple[Metrics, dict[str, float]]:
         allocation = self.allocations[mfc.name]
         split = allocation.split(rows)
-        call, timing = (None, {}) if mfc.kind is MFCKind.TRAIN else self._weights(mfc)
+        call, timing = (None, {}) if mfc.kind.on_engine else self._weights(mfc)
         metrics: Metrics = {}
         if self.rank in allocation.mesh:
             begin = time.perf_counter()
             mine = list(split.rows_of(self.rank))
             batch = {key: [store[key][r] for r in mine] for key in (*mfc.input_keys, *_ALWAYS)}
-            engine = self.roles[mfc.role].engine if mfc.kind is MFCKind.TRAIN else None
+            engine = self.roles[mfc.role].engine if mfc.kind.on_engine else None
+            outputs = {}
             if mfc.kind is MFCKind.TRAIN and evaluating:
                 metrics = interface.evaluate(engine, batch)
             elif mfc.kind is MFCKind.TRAIN:
                 metrics = interface.train_step(engine, batch)
+            elif mfc.kind is MFCKind.SCORE:
+                with torch.no_grad():
+                    outputs = interface.inference(engine, batch)
             else:
                 with self._train_states_offloaded(mfc):
                     outputs = interface.inference(call, batch)
-                for key, values in outputs.items():
-                    store.setdefault(key, {}).update(zip(mine, values))
+            for key, values in outputs.items():
+                store.setdefault(key, {}).update(zip(mine, values))
             _sync()
             timing[f"time/{mfc.name}_s"] = time.perf_counter() - begin
             if split.groups[split.group_of(self.rank)][0] != self.rank:
@@ -182,7 +186,7 @@ class Run:
                 mfc_metrics, timing = self.run_mfc(mfc, store, rows, interfaces[mfc.name], evaluating)
                 prefix = f"eval/{mfc.role}/" if evaluating else f"{mfc.role}/"
                 for name, value in mfc_metrics.items():
-                    add_metric(metrics, prefix + name, *value)
+                    add_metric(metrics, name if "/" in name else prefix + name, *value)
                 timings.update(timing)
             producers.update({key: mfc.name for mfc in wave for key in mfc.output_keys})
             pending = [m for m in pending if m not in wave]
@@ -265,27 +269,31 @@ class Run:
         return reduce_metrics(metrics)
 
     def _evaluate_generation(self) -> dict[str, float]:
-        """Greedy accuracy of the actor on the held-out prompts (final number == answer)."""
+        """Greedy completions of the held-out prompts, scored by the run's own reward MFC (its reward
+        function or reward model): mean reward, and accuracy when every score is 0 or 1."""
         generate = next(m for m in self.order if m.kind is MFCKind.GENERATE)
+        reward = next(m for m in self.order if m.output_keys == ("score",))
         prompts = self.eval_set[:self.cfg.rollout.eval_prompts or len(self.eval_set)]
-        groups = len(self.allocations[generate.name].dp_groups)
-        rows = -(-len(prompts) // groups) * groups
+        multiple = math.lcm(*(len(self.allocations[m.name].dp_groups) for m in (generate, reward)))
+        rows = -(-len(prompts) // multiple) * multiple
         padded = prompts + [prompts[0]] * (rows - len(prompts))
         greedy = GenerateInterface(GenerationConfig(max_new_tokens=self.cfg.rollout.eval_max_new_tokens, greedy=True),
                                    self.context.eos_ids, self.context.pad_id)
         store = self._store(padded, 1, len(prompts))
-        self.walk([generate], store, rows, {generate.name: greedy})
+        self.walk([generate, reward], store, rows, {generate.name: greedy, reward.name: self.interfaces[reward.name]})
         metrics: Metrics = {}
-        split = self.allocations[generate.name].split(rows)
-        if self.rank in self.allocations[generate.name].mesh and split.groups[split.group_of(self.rank)][0] == self.rank:
+        split = self.allocations[reward.name].split(rows)
+        if self.rank in self.allocations[reward.name].mesh and split.groups[split.group_of(self.rank)][0] == self.rank:
             mine = [r for r in split.rows_of(self.rank) if store["valid"][r]]
-            texts = [self.tokenizer.decode(store["completion"][r], skip_special_tokens=True) for r in mine]
-            scores = final_number_matches([store["prompt"][r].prompt for r in mine], texts,
-                                          [store["prompt"][r].answer for r in mine])
-            add_metric(metrics, "eval/accuracy", sum(scores), float(len(mine)))
+            scores = [float(store["score"][r]) for r in mine]
+            add_metric(metrics, "eval/reward", sum(scores), float(len(mine)))
+            add_metric(metrics, "eval/non_binary", float(sum(s not in (0.0, 1.0) for s in scores)), None)
             add_metric(metrics, "eval/response_length", float(sum(len(store["completion"][r]) for r in mine)),
                        float(len(mine)))
-        return reduce_metrics(metrics)
+        values = reduce_metrics(metrics)
+        if values.pop("eval/non_binary", 1.0) == 0:  # 0/1 rewards (a verifier): the mean is an accuracy
+            values["eval/accuracy"] = values["eval/reward"]
+        return values
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -448,6 +456,12 @@ def _prepare_run_dir(out: Path, resume: bool, rank: int) -> None:
     dist.barrier()
 
 
+def _mesh_group(allocation: Allocation):
+    """The process group of an MFC's mesh on its ranks (None elsewhere): for MFCs that run no model."""
+    ranks = allocation.mesh.ranks
+    return group_of(ranks) if dist.get_rank() in ranks else None
+
+
 def _eos_ids(tokenizer, roles: dict[str, Role]) -> tuple[int, ...]:
     ids = {tokenizer.eos_token_id}
     for role in roles.values():
@@ -522,7 +536,8 @@ def run_experiment(experiment: Experiment, cfg: Any) -> dict:
     roles = build_roles(specs, paths, order, allocations, cfg, rows, total_steps * steps_per_step,
                         tokenizer.pad_token_id)
     context = InterfaceContext(tokenizer, tokenizer.pad_token_id, _eos_ids(tokenizer, roles),
-                               {m.name: roles[m.role].group for m in order if m.role in roles})
+                               {m.name: roles[m.role].group if m.role in roles else _mesh_group(allocations[m.name])
+                                for m in order})
     run = Run(experiment, cfg, rank, out, tokenizer, context, train_set, eval_set, sampler, total_steps, rows, roles,
               allocations, experiment.interfaces(cfg, context), order, MetricsWriter(out, rank == 0))
     return run.run()

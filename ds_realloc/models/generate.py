@@ -43,11 +43,21 @@ class GenerationConfig:
             raise invalid("top_k", "must be >= 0")
 
 
+def policy_temperature(cfg: GenerationConfig) -> float:
+    """The temperature of the policy's log-probs: the sampling temperature (1 when greedy)."""
+    return 1.0 if cfg.greedy else cfg.temperature
+
+
 @dataclass
 class Generation:
-    """Generated tokens [B, N] (pad after EOS), their log-probs under the sampling temperature, and a
-    mask that is 1 on generated tokens (EOS included). N <= max_new_tokens: generation stops when
-    every row has finished."""
+    """Generated tokens [B, N] (pad after EOS), their log-probs, and a mask that is 1 on generated
+    tokens (EOS included). N <= max_new_tokens: generation stops when every row has finished.
+
+    The log-probs are the policy's: log softmax(logits / temperature) of the chosen token, *before*
+    top-k / top-p / min_new_tokens truncation (those change which tokens are sampled, not the
+    policy being trained), so they are the same quantity actor training, the reference and any
+    recompute compute (`policy_temperature`); what truncation adds is corrected by importance
+    weights (algo.tis_cap), not folded in here."""
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
@@ -123,13 +133,15 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos
     next_positions = valid[:, :longest].sum(-1)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs, masks = [], [], []
+    temperature = policy_temperature(cfg)
     for step in range(cfg.max_new_tokens):
         logits = model.logits(hidden[:, -1])
+        allowed = logits
         if step < cfg.min_new_tokens:
-            _forbid(logits, eos_token_ids, model.vocab)
-        token = sample(logits, model.vocab, model.tp, cfg, generator)
-        scaled = logits if cfg.greedy else logits / cfg.temperature
-        logprob = token_logprobs(scaled, token, model.vocab, model.tp)
+            allowed = logits.clone()
+            _forbid(allowed, eos_token_ids, model.vocab)
+        token = sample(allowed, model.vocab, model.tp, cfg, generator)
+        logprob = token_logprobs(logits / temperature if temperature != 1.0 else logits, token, model.vocab, model.tp)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         logprobs.append(torch.where(done, torch.zeros_like(logprob), logprob))

@@ -46,13 +46,15 @@ def _hidden(model: InferenceModel, input_ids: torch.Tensor, valid: torch.Tensor)
 
 @torch.no_grad()
 def score_logprobs(model: InferenceModel, input_ids: torch.Tensor, attention_mask_: torch.Tensor,
-                   last: int | None = None) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | ...) for every position: [B, T-1], like functional.token_logprobs;
-    with `last`, only for the last `last` positions ([B, last]; the LM head runs on those alone)."""
+                   last: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) of input_ids[:, t+1] for every position: [B, T-1], like
+    functional.token_logprobs; with `last`, only for the last `last` positions ([B, last]; the LM
+    head runs on those alone)."""
     hidden, targets = _hidden(model, input_ids, attention_mask_)[:, :-1], input_ids[:, 1:]
     if last is not None:
         hidden, targets = hidden[:, hidden.shape[1] - last:], targets[:, targets.shape[1] - last:]
-    return token_logprobs(model.logits(hidden), targets, model.vocab, model.tp)
+    logits = model.logits(hidden)
+    return token_logprobs(logits / temperature if temperature != 1.0 else logits, targets, model.vocab, model.tp)
 
 
 @torch.no_grad()
@@ -73,8 +75,10 @@ class InferenceCall:
 
         return generate(self.model, prompts, cfg, eos_token_ids, pad_token_id)
 
-    def logprobs(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor, last: int | None = None) -> torch.Tensor:
-        return score_logprobs(self.model, input_ids.to(self.device), attention_mask_.to(self.device), last)
+    def logprobs(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor, last: int | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        return score_logprobs(self.model, input_ids.to(self.device), attention_mask_.to(self.device), last,
+                              temperature)
 
     def values(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor) -> torch.Tensor:
         return score_values(self.model, input_ids.to(self.device), attention_mask_.to(self.device))

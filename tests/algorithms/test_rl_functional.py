@@ -37,8 +37,20 @@ def test_whiten_and_aggregation():
     assert w[1, 1] == 0  # masked entries are zeroed
     losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     assert aggregate(losses, mask, "token-mean").item() == pytest.approx(10 / 4)
-    assert aggregate(losses, mask, "seq-mean").item() == pytest.approx((2 + 4) / 2)
-    assert aggregate(losses, mask, "token-sum").item() == pytest.approx(10 / 6)
+    assert aggregate(losses, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    # Dr. GRPO: each sequence's token sum over a constant (here 8 = max_new_tokens), mean over sequences
+    assert aggregate(losses, mask, "seq-mean-token-sum-norm", 8).item() == pytest.approx((6 / 8 + 4 / 8) / 2)
+
+
+def test_a_dr_grpo_row_weighs_the_same_whatever_shares_its_micro_batch():
+    from ds_realloc.algorithms.functional import aggregate_sum
+
+    row = torch.tensor([[1.0, 2.0]])
+    alone = aggregate_sum(row, torch.ones(1, 2), "seq-mean-token-sum-norm", 16)
+    wide = torch.tensor([[0.0, 0.0, 1.0, 2.0], [5.0, 6.0, 7.0, 8.0]])  # padded to width 4 beside a longer row
+    with_other = aggregate_sum(wide, torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), "seq-mean-token-sum-norm", 16)
+    other = aggregate_sum(wide[1:], torch.ones(1, 4), "seq-mean-token-sum-norm", 16)
+    assert with_other.item() - other.item() == pytest.approx(alone.item())
 
 
 def test_kl_estimators():
@@ -85,8 +97,10 @@ def test_ppo_policy_loss_clips_by_hand():
     mask = torch.ones(1, 3)
     loss, stats = ppo_policy_loss(new, old, adv, mask, clip=0.2)
     # max(-A r, -A clip(r)): 1.5 -> max(-1.5, -1.2) = -1.2; 0.5 -> max(-0.5, -0.8) = -0.5; 1.1 -> 2.2
-    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
-    assert stats["clip_fraction"].item() == pytest.approx(2 / 3)
+    assert loss.item() == pytest.approx(-1.2 - 0.5 + 2.2)  # the sum: the step divides by its token count
+    assert stats["clip_fraction"] == pytest.approx(2)  # clipped tokens
+    weighted, _ = ppo_policy_loss(new, old, adv, mask, clip=0.2, weights=torch.tensor([[2.0, 1.0, 0.5]]))
+    assert weighted.item() == pytest.approx(-2.4 - 0.5 + 1.1)  # truncated importance weights per token
 
 
 def test_value_loss_clipped():
@@ -94,7 +108,7 @@ def test_value_loss_clipped():
     mask = torch.ones(1)
     # clipped prediction 1.2 -> (1.8)^2 = 3.24 beats (1)^2
     assert value_loss(new, old, ret, mask, clip=0.2).item() == pytest.approx(0.5 * 3.24)
-    assert value_loss(new, old, ret, mask, clip=None).item() == pytest.approx(0.5)
+    assert value_loss(new, old, ret, mask, clip=None).item() == pytest.approx(0.5 * 1.0)
 
 
 def test_group_baselines():

@@ -97,7 +97,7 @@ def test_a_killed_rank_stops_the_job_and_resume_matches_an_uninterrupted_run(tmp
     broken = tmp_path / "broken"
     procs = _rank_processes([*args, f"output.dir={broken}"], broken, 2)
     try:
-        _wait_for_step(broken, 2, procs)  # the ranks are in step 3 (or saving step 2)
+        _wait_for_step(broken, 3, procs)  # step 2 is saved (before step 3 ran): the ranks are in step 4 or saving 3
         os.kill(procs[1].pid, signal.SIGKILL)
         killed = time.monotonic()
         procs[0].wait(timeout=60)  # the survivor notices on its own: no launcher stops it

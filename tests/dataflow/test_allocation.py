@@ -17,14 +17,17 @@ CONFIG = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, 
 MODELS = {"actor": model_spec(CONFIG), "ref": model_spec(CONFIG), "critic": model_spec(CONFIG, value_head=True)}
 
 
-def _ppo():
+def _ppo(old_logprobs="recompute"):
+    from ds_realloc.utils.config import load_config
+
     experiment = all_experiments()["ppo"]
-    return topological_order(experiment.mfcs(experiment.config_cls()))
+    return topological_order(experiment.mfcs(load_config(experiment.config_cls, None,
+                                                         [f"algo.old_logprobs={old_logprobs}"])))
 
 
-def _resolve(world=4, rows=16, shorthand="", **per_mfc):
+def _resolve(world=4, rows=16, shorthand="", old_logprobs="recompute", **per_mfc):
     configs = {name: AllocationConfig(**fields) for name, fields in per_mfc.items()}
-    return resolve_allocations(_ppo(), world, shorthand, configs, MODELS, rows)
+    return resolve_allocations(_ppo(old_logprobs), world, shorthand, configs, MODELS, rows)
 
 
 def _placements(allocations):
@@ -36,9 +39,11 @@ def test_default_fits_any_world_and_splits_two_trainings(world):
     allocations = _resolve(world=world, rows=48)
     everyone = tuple(range(world))
     for a in allocations.values():
-        if a.mfc.kind is not MFCKind.TRAIN:
+        if not a.mfc.kind.on_engine:
             assert a.mesh.ranks == everyone and (a.strategy.dp, a.strategy.tp) == (world, 1)
     actor, critic = allocations["actor_train"].mesh.ranks, allocations["critic_train"].mesh.ranks
+    # the recompute runs on the engines it scores with
+    assert allocations["actor_logp"].mesh.ranks == actor and allocations["critic_values"].mesh.ranks == critic
     if world % 2 == 0:  # halves: the two trainings overlap in time
         assert actor == everyone[:world // 2] and critic == everyone[world // 2:]
     else:
@@ -46,12 +51,14 @@ def test_default_fits_any_world_and_splits_two_trainings(world):
 
 
 def test_per_mfc_and_shorthand_allocations():
-    allocations = _resolve(shorthand="d2t2", actor_gen={"mesh": "0-3", "strategy": "d4"},
+    allocations = _resolve(shorthand="d2t2", old_logprobs="rollout", actor_gen={"mesh": "0-3", "strategy": "d4"},
                            actor_train={"mesh": "0-1", "strategy": "zero3"},
                            critic_train={"mesh": "2-3"}, critic_inf={"mesh": "2-3", "strategy": "t2"})
     placed = _placements(allocations)
     assert placed["actor_gen"] == ((0, 1, 2, 3), 4, 1)
-    assert placed["ref_inf"] == ((0, 1, 2, 3), 2, 2) and placed["rew_inf"] == ((0, 1, 2, 3), 2, 2)  # shorthand
+    assert placed["ref_inf"] == ((0, 1, 2, 3), 2, 2)  # the shorthand
+    # calls without a model (a reward function, the RL targets) stay data parallel
+    assert placed["rew_inf"] == ((0, 1, 2, 3), 4, 1) and placed["rl_targets"] == ((0, 1, 2, 3), 4, 1)
     assert placed["critic_inf"] == ((2, 3), 1, 2)
     assert placed["actor_train"][0] == (0, 1) and placed["critic_train"][0] == (2, 3)
     assert allocations["critic_inf"].dp_groups == ((2, 3),)
@@ -67,6 +74,9 @@ def test_per_mfc_and_shorthand_allocations():
     ({"actor_train": {"mesh": "0-3", "strategy": "d2t2"}}, "", "allocations.actor_train.strategy: training runs DeepSpeed ZeRO"),
     ({"actor_gen": {"strategy": "zero3"}}, "", "allocations.actor_gen.strategy: generate calls run on d<dp>t<tp>"),
     ({"actor_trian": {"mesh": "0"}}, "", "allocations.actor_trian: there is no MFC 'actor_trian'"),
+    ({"actor_logp": {"mesh": "0"}}, "", "allocations.actor_logp: actor_logp runs on the training engine of "
+                                        "actor_train; set allocations.actor_train instead"),
+    ({"rl_targets": {"strategy": "d2t2"}}, "", "allocations.rl_targets.strategy: rl_targets runs no model"),
 ])
 def test_bad_allocations_name_the_mfc_and_field(per_mfc, shorthand, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -59,7 +59,18 @@ def _ppo_recording_generation_weights(rank: int, world: int, out: str, reward: s
         return placed, buffers
 
     HybridEngine._weights = recording
+    from ds_realloc.algorithms import functional
+
+    gae, gae_calls = functional.gae_packed, []
+
+    def counting_gae(*args, **kwargs):  # who computes advantages, and how often
+        gae_calls.append(1)
+        return gae(*args, **kwargs)
+
+    functional.gae_packed = counting_gae
+    # old_logprobs=rollout: the critic's values come from critic_inf on its own (reallocated) layout
     overrides = [f"output.dir={out}/run", "model.path=tiny-llama", f"reward.model={reward}", "ref.offload=true",
+                 "algo.old_logprobs=rollout",
                  "train.batch_size=8", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
                  "rollout.eval_prompts=8", "rollout.max_new_tokens=8", "rollout.eval_max_new_tokens=8",
                  "engine.dtype=fp32", "critic.optim.lr=1e-3", "optim.lr=1e-3"]
@@ -70,6 +81,7 @@ def _ppo_recording_generation_weights(rank: int, world: int, out: str, reward: s
     from ds_realloc.dataflow.rlhf import PPOConfig
 
     run_experiment(PPO, load_config(PPOConfig, None, overrides))
+    (Path(out) / f"gae_calls_rank{rank}.json").write_text(json.dumps(len(gae_calls)))
 
 
 def test_generation_runs_on_the_trained_weights_of_the_previous_step(tmp_path):
@@ -86,6 +98,9 @@ def test_generation_runs_on_the_trained_weights_of_the_previous_step(tmp_path):
         for mfc in ALLOCATIONS:
             assert row[f"time/{mfc}_s"] > 0
         assert row["realloc/actor_gen_recv_bytes"] > 0
+
+    # advantages and returns are computed once a step (rl_targets, each rank its rows) for both trainings
+    assert [json.loads((tmp_path / f"gae_calls_rank{r}.json").read_text()) for r in range(4)] == [STEPS] * 4
 
     # calls: eval before training, the generations of steps 1..3, eval after training
     calls = sorted({int(p.name.split("_")[0][4:]) for p in tmp_path.glob("call*_rank0.pt")})
