@@ -171,3 +171,16 @@ def test_fused_logprobs_gradient_written_over_the_logits(mode, dtype):
         lp.sum().backward()
         grads.append(leaf.grad.float())
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_ops_benchmark_measures_interval_copy_against_every_torch_way():
+    from ds_realloc.bench.ops import OpsBenchConfig, run_ops_bench
+
+    report = run_ops_bench(OpsBenchConfig(intervals=200, interval_len=8, sequences=8, max_len=16, tokens=16,
+                                          vocab=64, repeat=1))
+    regular, irregular = report["interval_copy"], report["interval_copy_irregular"]
+    assert set(regular["baselines_s"]) == {"strided_copy_per_piece", "index_select_cached_index", "copy_per_span"}
+    assert set(irregular["baselines_s"]) == {"index_select_cached_index", "copy_per_span"}
+    for row in (regular, irregular):
+        assert row["reference_s"] == min(row["baselines_s"].values()) == row["baselines_s"][row["best_baseline"]]
+        assert row["speedup_vs_best"] == row["reference_s"] / row["ours_s"]

@@ -15,3 +15,19 @@ def bench_main(args: list[str], config_cls: type, run: Callable[[object], dict],
     report = run(cfg)
     print(json.dumps(report, indent=2) if "--json" in args else format_report(report))
     return 0
+
+
+def headline(report: dict, ours: tuple[str, ...], baselines: tuple[str, ...], metric: str,
+             higher_is_better: bool = True, memory: str | None = "peak_mem_bytes") -> dict:
+    """The ratio a benchmark is judged by: our best row against the strongest baseline row (by
+    `metric`), and the peak-memory ratio of those two rows when measured."""
+    def better(name: str) -> float:
+        value = report[name][metric]
+        return value if higher_is_better else -value
+
+    best_ours, best_baseline = max(ours, key=better), max(baselines, key=better)
+    ratio = report[best_ours][metric] / report[best_baseline][metric]
+    out = {"best": best_ours, "best_baseline": best_baseline, "speedup_vs_best": ratio if higher_is_better else 1 / ratio}
+    if memory is not None:
+        out["mem_ratio_vs_best"] = report[best_ours][memory] / max(report[best_baseline][memory], 1)
+    return out

@@ -60,23 +60,56 @@ def _row(ours: Callable, reference: Callable, repeat: int, setup: Callable[[], o
             "mem_ratio": ours_peak / max(reference_peak, 1), **extra}
 
 
-def _interval_copy(cfg: OpsBenchConfig) -> dict:
+def _interval_rows(ours: Callable, baselines: dict[str, Callable], repeat: int, **extra) -> dict:
+    """`ours` against every torch way of the same move; the headline ratio is against the fastest."""
+    times = {name: _best(fn, repeat) for name, fn in baselines.items()}
+    peaks = {name: _peak(fn) for name, fn in baselines.items()}
+    best = min(times, key=times.get)
+    ours_s, ours_peak = _best(ours, repeat), _peak(ours)
+    return {"ours_s": ours_s, "baselines_s": times, "best_baseline": best, "reference_s": times[best],
+            "speedup": times[best] / ours_s, "speedup_vs_best": times[best] / ours_s, "ours_peak_bytes": ours_peak,
+            "reference_peak_bytes": peaks[best], "mem_ratio": ours_peak / max(peaks[best], 1),
+            "mem_ratio_vs_best": ours_peak / max(peaks[best], 1), **extra}
+
+
+def _interval_copy(cfg: OpsBenchConfig, regular: bool) -> dict:
+    """Gathering `intervals` spans of a flat fp32 tensor into one buffer. Regular: equal spans a
+    fixed stride apart (a dim-1 tensor-parallel shard: what reallocation moves; torch does it with
+    one strided copy per piece). Irregular: spans of random lengths and gaps (torch's best: an
+    `index_select` with the element index cached, or a copy per span)."""
     from ds_realloc import ops
+    from ds_realloc.comm.realloc import strided
 
     generator = torch.Generator().manual_seed(0)
-    flat = torch.randn(cfg.intervals * cfg.interval_len * 2, generator=generator)
-    starts = torch.arange(cfg.intervals) * cfg.interval_len * 2  # one interval per row of a dim-1 shard
-    lengths = torch.full((cfg.intervals,), cfg.interval_len)
+    if regular:
+        lengths = torch.full((cfg.intervals,), cfg.interval_len)
+        starts = torch.arange(cfg.intervals) * cfg.interval_len * 2
+    else:
+        lengths = torch.randint(1, 2 * cfg.interval_len, (cfg.intervals,), generator=generator)
+        gaps = torch.randint(0, 2 * cfg.interval_len, (cfg.intervals,), generator=generator)
+        starts = torch.cumsum(lengths + gaps, 0) - lengths
+    flat = torch.randn(int((starts + lengths).max()), generator=generator)
     out = torch.empty(int(lengths.sum()))
-    assert torch.equal(ops.interval_gather(flat, starts, lengths, out),
-                       torch.cat([flat[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]))
+    index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths.tolist())])  # cached
+    expected = flat[index]
+    assert torch.equal(ops.interval_gather(flat, starts, lengths, out), expected)
+    bounds = list(zip(starts.tolist(), lengths.tolist()))
 
-    def reference(_):
-        s, n = starts.tolist(), lengths.tolist()  # the slices' bounds as Python ints, like the engine has
-        return torch.cat([flat[a:a + b] for a, b in zip(s, n)], out=out)
+    def copy_per_span(_):
+        return torch.cat([flat[a:a + b] for a, b in bounds], out=out)
 
-    return _row(lambda _: ops.interval_gather(flat, starts, lengths, out), reference, cfg.repeat,
-                intervals=cfg.intervals)
+    baselines = {"index_select_cached_index": lambda _: torch.index_select(flat, 0, index, out=out),
+                 "copy_per_span": copy_per_span}
+    if regular:  # one piece: count spans of one length, one stride
+        def strided_copy(_):
+            out.view(cfg.intervals, cfg.interval_len).copy_(
+                strided(flat, 0, cfg.interval_len * 2, cfg.interval_len, cfg.intervals))
+            return out
+        baselines["strided_copy_per_piece"] = strided_copy
+    for name, fn in baselines.items():
+        assert torch.equal(fn(None), expected), name
+    return _interval_rows(lambda _: ops.interval_gather(flat, starts, lengths, out), baselines, cfg.repeat,
+                          intervals=cfg.intervals, spans="regular" if regular else "irregular")
 
 
 def _gae(cfg: OpsBenchConfig) -> dict:
@@ -135,7 +168,8 @@ def run_ops_bench(cfg: OpsBenchConfig) -> dict:
 
     report = {"threads": torch.get_num_threads(),
               "kernels": {r["op"]: r["loaded"] for r in ops.op_report() if r["device"] == "cpu"}}
-    report["interval_copy"] = _interval_copy(cfg)
+    report["interval_copy"] = _interval_copy(cfg, regular=True)
+    report["interval_copy_irregular"] = _interval_copy(cfg, regular=False)
     report["gae"] = _gae(cfg)
     report["logprobs"] = _logprobs(cfg, torch.bfloat16)
     report["logprobs_fp32"] = _logprobs(cfg, torch.float32)
@@ -144,7 +178,7 @@ def run_ops_bench(cfg: OpsBenchConfig) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [f"op_builder kernels vs torch, {report['threads']} threads, loaded: {report['kernels']}"]
-    for name in ("interval_copy", "gae", "logprobs", "logprobs_fp32"):
+    for name in ("interval_copy", "interval_copy_irregular", "gae", "logprobs", "logprobs_fp32"):
         r = report[name]
         lines.append(f"  {name:<14} ours {r['ours_s'] * 1e3:9.2f} ms  torch {r['reference_s'] * 1e3:9.2f} ms  "
                      f"speedup {r['speedup']:6.2f}x  peak {r['ours_peak_bytes'] / 2**20:8.1f} / "

@@ -1,13 +1,16 @@
-"""RLHF steps: per-call allocations with reallocation against every call on every rank.
+"""RLHF steps: per-call allocations with reallocation against DeepSpeed-Chat.
 
 `ds-realloc bench rlhf`: the same command (`ppo` by default), model, data and number of steps, each
 row in fresh processes of one run: `ours`, the command's allocations (by default PPO's actor and
 critic train side by side on halves of the world, generation and inference on every rank, the
-weights reallocated between the layouts; `allocation(s).*` overrides change them); and
-`colocated`, every call on all ranks one after the other, trainings included (DeepSpeed-Chat's
-placement). Other `overrides` apply to both rows. Reported per row:
-samples (sequences) per second over the timed steps (the first `warmup` steps are not timed), the
-mean time of every MFC and of every reallocation, and the bytes each reallocation received.
+weights reallocated between the layouts; `allocation(s).*` overrides change them); and the
+baseline `colocated`, DeepSpeed-Chat's placement *and* mechanism: every call on all ranks one after
+the other, trainings included, generation by gathering the ZeRO-3 actor once and HF `generate`,
+reference / reward / critic scoring as ZeRO-3 forwards of their engines, nothing reallocated
+(`engine.inference=zero3`, `engine.zero_inference`). Other `overrides` apply to both rows.
+Reported per row: samples (sequences) per second over the timed steps (the first `warmup` steps
+are not timed), the mean time of every MFC and of every reallocation, and the bytes each
+reallocation received.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_realloc.bench import bench_main
+from ds_realloc.bench import bench_main, headline
 from ds_realloc.utils.config import invalid, option
 
 ROWS = ("ours", "colocated")
+BASELINES = {"colocated": "DeepSpeed-Chat: every call on all ranks, ZeRO-3 training, gather-once + HF generate, "
+                          "ZeRO-3 forwards for inference (no reallocation)"}
 
 
 @dataclass
@@ -53,8 +58,9 @@ def _command_overrides(cfg: RLHFBenchConfig, out: Path, row: str) -> list[str]:
     overrides = shlex.split(cfg.overrides)
     if row == "ours":
         return [*base, *overrides]
-    shared = [o for o in overrides if not o.startswith("allocation")]  # everything but the placement
-    return [*base, *shared, *(f"allocations.{mfc}.mesh=0-{cfg.nprocs - 1}" for mfc in _train_mfcs(cfg))]
+    shared = [o for o in overrides if not o.startswith(("allocation", "engine.inference"))]  # not the placement
+    return [*base, *shared, "engine.inference=zero3",
+            *(f"allocations.{mfc}.mesh=0-{cfg.nprocs - 1}" for mfc in _train_mfcs(cfg))]
 
 
 def _train_mfcs(cfg: RLHFBenchConfig) -> list[str]:
@@ -107,7 +113,8 @@ def run_rlhf_bench(cfg: RLHFBenchConfig) -> dict:
             run_ranks(_bench_rank, cfg.nprocs, cfg.command, _command_overrides(cfg, out, row), timeout=cfg.timeout_s)
             report[row] = _row_report(out, cfg.warmup)
     report["speedup"] = report["ours"]["samples_per_s"] / report["colocated"]["samples_per_s"]
-    return report
+    report["baselines"] = BASELINES
+    return {**report, **headline(report, ("ours",), tuple(BASELINES), "samples_per_s", memory=None)}
 
 
 def format_report(report: dict) -> str:
@@ -120,7 +127,8 @@ def format_report(report: dict) -> str:
         lines += [f"  {row:<10} {r['samples_per_s']:7.2f} samples/s  {r['step_s']:6.2f} s/step",
                   "    placement: " + "; ".join(f"{name} {where}" for name, where in r["allocations"].items()),
                   f"    calls:   {calls}", f"    realloc: {moves}"]
-    lines.append(f"  speedup {report['speedup']:.2f}x")
+    lines.append(f"  speedup vs {report['best_baseline']} ({BASELINES[report['best_baseline']]}): "
+                 f"{report['speedup_vs_best']:.2f}x")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from ds_realloc.models.generate import GenerationConfig, completion_ids, generat
 from ds_realloc.models.inference import inference_model
 from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
 from ds_realloc.models.registry import family_of
+from ds_realloc.models.hf_io import CheckpointReader
 from ds_realloc.models.shards import load_shards
 from ds_realloc.models.tp import TensorParallel
 from ds_realloc.utils.config import invalid, option
@@ -79,7 +80,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
     dp, tp_rank, pp = layout.coords(rank)
     dtype = TORCH_DTYPES[auto_dtype() if cfg.dtype == "auto" else cfg.dtype]
     prefix = "transformer" if family_of(config).name == "gpt2" else "model"
-    weights = load_shards(path, layout, rank, dtype, comm_device(), prefix)
+    reader = CheckpointReader(path)
+    weights = load_shards(path, layout, rank, dtype, comm_device(), prefix, reader)
+    stored = sum(torch.Size(reader.shape(name)).numel() for name in reader.names())
+    logger.info("rank %d read %.1f%% of the checkpoint's elements (its tp=%d shard)", rank,
+                100 * reader.elements_read / stored, cfg.tp)
     group = group_of([layout.ranks[layout.strategy.index(dp, t, pp)] for t in range(cfg.tp)]) if cfg.tp > 1 else None
     model = inference_model(config, weights, TensorParallel(cfg.tp, tp_rank, group))
     eos = sorted({tokenizer.eos_token_id, *([config.eos_token_id] if isinstance(config.eos_token_id, int)

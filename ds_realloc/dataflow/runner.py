@@ -35,6 +35,7 @@ from ds_realloc.dataflow.metrics import MetricsWriter, reduce_max, reduce_metric
 from ds_realloc.dataflow.mfc import MFC, MFCKind, dataset_keys, topological_order
 from ds_realloc.dataflow.roles import Role, build_roles
 from ds_realloc.engine.checkpoint import load_training_state, save_hf_model, save_training_state
+from ds_realloc.engine.zero_inference import ZeroInferenceCall
 from ds_realloc.layout.model import model_spec
 from ds_realloc.models.generate import GenerationConfig
 from ds_realloc.models.inference import InferenceCall
@@ -90,11 +91,15 @@ class Run:
 
     # -- one MFC -------------------------------------------------------------------------------------
 
-    def _weights(self, mfc: MFC) -> tuple[InferenceCall | None, dict[str, float]]:
-        """Every rank takes part in moving the role's weights into the MFC's layout (if it has a model)."""
+    def _weights(self, mfc: MFC) -> tuple[InferenceCall | ZeroInferenceCall | None, dict[str, float]]:
+        """Every rank takes part in moving the role's weights into the MFC's layout (if it has a model).
+        With `engine.inference=zero3` (DeepSpeed-Chat's mechanism, the baseline) nothing moves: the
+        call runs on the role's own engine; this is the one place that switch is read."""
         role = self.roles.get(mfc.role)
         if role is None:
             return None, {}
+        if self.cfg.engine.inference == "zero3":
+            return (ZeroInferenceCall(role.module) if role.module is not None else None), {}
         allocation = self.allocations[mfc.name]
         start = time.perf_counter()
         kept = None if role.spec.trainable or role.spec.offload else role.version  # frozen, resident: keep
@@ -489,8 +494,8 @@ def check_training_rows(cfg: Any, allocations: dict[str, Allocation], rows: int,
 def _placement(allocation: Allocation, cfg: Any) -> str:
     """`strategy@[mesh]`; training shows its ZeRO stage."""
     strategy = allocation.strategy
-    label = f"zero{cfg.engine.zero_stage}:d{allocation.mesh.size}" if allocation.mfc.kind is MFCKind.TRAIN else \
-        f"d{strategy.dp}t{strategy.tp}"
+    label = f"zero{cfg.engine.zero_stage if cfg else 3}:d{allocation.mesh.size}" if allocation.mfc.kind.on_engine \
+        else f"d{strategy.dp}t{strategy.tp}"
     return f"{label}@[{allocation.mesh}]"
 
 
@@ -508,7 +513,28 @@ def plan_run(experiment: Experiment, cfg: Any, world: int) -> tuple[dict[str, Pa
                                       slots_per_host(world, cfg.launch.hostfile))
     minibatches = experiment.optimizer_steps_per_step(cfg) // getattr(getattr(cfg, "algo", None), "epochs", 1)
     check_training_rows(cfg, allocations, rows, minibatches)
+    if cfg.engine.inference == "zero3":
+        check_engine_inference(allocations, {s.role for s in specs})
     return paths, allocations, rows
+
+
+def check_engine_inference(allocations: dict[str, Allocation], roles: set[str]) -> None:
+    """engine.inference=zero3 runs each generate / inference call on its model's engine: one replica per
+    rank on the mesh the model trains on (or, frozen, its first call's)."""
+    meshes: dict[str, Allocation] = {}
+    for allocation in allocations.values():
+        mfc = allocation.mfc
+        if mfc.role in roles and (mfc.kind is MFCKind.TRAIN or mfc.role not in meshes):
+            meshes[mfc.role] = allocation
+    for allocation in allocations.values():
+        mfc = allocation.mfc
+        if mfc.role not in roles or mfc.kind.on_engine:
+            continue
+        home = meshes[mfc.role].mesh
+        if allocation.mesh != home or allocation.strategy.tp != 1:
+            raise ConfigError(f"allocations.{mfc.name}: engine.inference=zero3 runs {mfc.name} on the {mfc.role} "
+                              f"engine itself, so it needs that engine's mesh [{home}] with d{home.size}; got "
+                              f"{_placement(allocation, None)}")
 
 
 def run_experiment(experiment: Experiment, cfg: Any) -> dict:

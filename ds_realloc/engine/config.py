@@ -22,6 +22,11 @@ class EngineConfig:
                 "else fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     deepspeed_config: str | None = option(None, "a DeepSpeed JSON config whose keys override the generated ones")
+    inference: Literal["realloc", "zero3"] = option(
+        "realloc", "how generate / inference calls get their weights: realloc = reallocated into each call's layout "
+                   "(ours); zero3 = DeepSpeed-Chat's mechanism, no reallocation: generation gathers the ZeRO-3 model "
+                   "once and runs HF generate, scoring runs ZeRO-3 forwards of the engines (each call on its model's "
+                   "mesh, one replica per rank; the baseline of bench rlhf)")
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -11,7 +11,9 @@ rank computes the same plan locally and no metadata is exchanged. It
 3. picks, per destination rank and need, the destination rank itself when it holds the region,
    else the least-loaded holder (ties: lowest rank).
 
-Received elements therefore equal the lower bound (the elements a rank needs and does not hold).
+Received elements therefore equal the lower bound (`lower_bound`: computed from the two layouts
+alone, the least each destination rank must receive over every placement of its tensor-parallel
+group), which `stats()` reports beside the plan's own traffic.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class ReallocPlan:
     # -- statistics --------------------------------------------------------------------------------
 
     def stats(self) -> PlanStats:
-        recv, send, lower, local = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(int)
+        recv, send, local = defaultdict(int), defaultdict(int), defaultdict(int)
         pairs: set[tuple[int, int]] = set()
         for key, ranks in self.dst.key_ranks().items():
             single_total, single_held = 0, defaultdict(int)
@@ -214,18 +216,16 @@ class ReallocPlan:
                         recv[d] += need.numel
                         send[src] += need.numel
                         pairs.add((src, d))
-                    if not need.held_by(d):
-                        lower[d] += need.numel
             for d in ranks:
                 mine = single_held.get(d, 0)
                 recv[d] += single_total - mine
-                lower[d] += single_total - mine
                 local[d] += mine
             for holder, numel in single_held.items():
                 receivers = [d for d in ranks if d != holder]
                 send[holder] += numel * len(receivers)
                 pairs.update((holder, d) for d in receivers)
-        return PlanStats(dict(recv), dict(send), dict(lower), dict(local), len(pairs))
+        return PlanStats(dict(recv), dict(send), lower_bound(self.src, self.dst, self.needs), dict(local),
+                         len(pairs))
 
     # -- execution programs ------------------------------------------------------------------------
 
@@ -314,3 +314,43 @@ def _placement(dst: Layout, needs: dict[tuple, tuple[Need, ...]]) -> tuple[int, 
         for rank, tp in zip(group, assignment):
             placement[indices[tp]] = rank
     return tuple(placement)
+
+
+def _best_assignment(held: list[list[int]]) -> list[int]:
+    """column (tp rank) of each row (global rank) maximising the elements held: by enumeration for
+    up to 6 ranks, else by the Hungarian algorithm (both exact)."""
+    n = len(held)
+    if n > 6:
+        return max_weight_assignment(held)
+    return list(max(itertools.permutations(range(n)), key=lambda perm: sum(held[i][perm[i]] for i in range(n))))
+
+
+def lower_bound(src: Layout, dst: Layout, needs: dict[tuple, tuple[Need, ...]] | None = None) -> dict[int, int]:
+    """The least each destination rank must receive, in elements, from the two layouts alone: per
+    destination shard, what a rank needs and does not already hold, minimised over the one freedom
+    that changes it - which global rank of each tensor-parallel group plays which tp rank (which
+    replica sends changes who sends, not what is received). Independent of any plan's placement;
+    `needs` (per destination shard, which depend on the layouts alone) saves recomputing them."""
+    totals: dict[tuple, int] = {}
+    held: dict[tuple, dict[int, int]] = {}
+    for key in dst.key_ranks():
+        counts: dict[int, int] = defaultdict(int)
+        total = 0
+        for need in (needs[key] if needs is not None else _needs_of(dst.buffers_of_key(key), src)[0]):
+            total += need.numel
+            for rank in {option[0] for option in need.options}:
+                counts[rank] += need.numel
+        totals[key], held[key] = total, counts
+    bound: dict[int, int] = {}
+    strategy = dst.strategy
+    if strategy.zero3 or strategy.tp == 1:  # no freedom: a rank's shard is fixed by its position
+        for key, ranks in dst.key_ranks().items():
+            for rank in ranks:
+                bound[rank] = totals[key] - held[key].get(rank, 0)
+        return bound
+    for pp, dp in itertools.product(range(strategy.pp), range(strategy.dp)):
+        group = [dst.mesh.ranks[strategy.index(dp, tp, pp)] for tp in range(strategy.tp)]
+        weights = [[held[(pp, tp)].get(rank, 0) for tp in range(strategy.tp)] for rank in group]
+        for rank, tp in zip(group, _best_assignment(weights)):
+            bound[rank] = totals[(pp, tp)] - weights[group.index(rank)][tp]
+    return bound

@@ -31,6 +31,7 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self._files: dict[str, str] = {}  # tensor name -> file name
         self._handles: dict[str, object] = {}
+        self.elements_read = 0  # elements materialised from the files (what a shard read costs)
         for index_name, single_name in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
             index, single = self.model_dir / index_name, self.model_dir / single_name
             if index.is_file():
@@ -74,22 +75,49 @@ class CheckpointReader:
 
     def read(self, name: str) -> torch.Tensor:
         handle = self._open(self._files[name])
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        tensor = handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        self.elements_read += tensor.numel()
+        return tensor
+
+    def read_strided(self, name: str, offset: int, stride: int, length: int, count: int) -> torch.Tensor:
+        """The [count, length] spans of the row-major flattening starting at `offset`, `stride` apart
+        (a tensor-parallel shard: rows of a dim-0 split, columns of a dim-1 split), reading only
+        those spans when they are columns of the tensor's rows, else the rows that hold them."""
+        handle = self._open(self._files[name])
+        if isinstance(handle, dict) or count == 1 or stride == length:
+            flat = self.read_flat(name, offset, offset + (count - 1) * stride + length)
+            return flat.as_strided((count, length), (stride, 1))
+        tensor_slice = handle.get_slice(name)
+        shape = tensor_slice.get_shape()
+        row = 1
+        for dim in shape[1:]:
+            row *= dim
+        column = offset % row
+        if len(shape) == 2 and stride == row and column + length <= row:
+            first = offset // row
+            block = tensor_slice[first:first + count, column:column + length]
+            self.elements_read += block.numel()
+            return block.reshape(count, length)
+        flat = self.read_flat(name, offset, offset + (count - 1) * stride + length)
+        return flat.as_strided((count, length), (stride, 1))
 
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the row-major flattening of a tensor, reading only the rows that hold them."""
         handle = self._open(self._files[name])
         if isinstance(handle, dict):
+            self.elements_read += end - start
             return handle[name].reshape(-1)[start:end]
         tensor_slice = handle.get_slice(name)
         shape = tensor_slice.get_shape()
         if len(shape) <= 1:
+            self.elements_read += end - start
             return tensor_slice[start:end].reshape(-1)
         row = 1
         for dim in shape[1:]:
             row *= dim
         first, last = start // row, -(-end // row)
         rows = tensor_slice[first:last].reshape(-1)
+        self.elements_read += rows.numel()
         return rows[start - first * row:end - first * row]
 
 

@@ -49,9 +49,11 @@ def _every_pair(rank, world, preset):
     import torch.distributed as dist
 
     from ds_realloc import ops
+    from ds_realloc.comm import realloc
     from ds_realloc.comm.realloc import reallocate
 
     assert (ops.kernel("interval_copy") is not None) == (os.environ["DS_REALLOC_DISABLE_OPS"] == "0")
+    realloc.KERNEL_MIN_PIECES = 1  # every transfer through the kernel (where loaded), not only the irregular ones
     from ds_realloc.layout.model import model_spec
     from ds_realloc.layout.plan import ReallocPlan
 
