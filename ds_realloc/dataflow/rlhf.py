@@ -1,10 +1,12 @@
 """RLHF commands: PPO, GRPO, RLOO, ReMax and RAFT as MFC graphs over the same runner.
 
-PPO: actor_gen -> {rew_inf, ref_inf, critic_inf} -> {actor_train, critic_train}. GRPO and RLOO
-drop the critic and sample several completions per prompt; ReMax adds a greedy generation and its
-reward as the baseline; RAFT fine-tunes on the best of several samples. Every call can run on its
-own mesh and layout (`allocations`); the actor's weights are reallocated from its ZeRO-3 training
-partitions into the generation layout at every step.
+PPO: actor_gen -> {rew_inf, ref_inf, actor_logp, critic_values} -> rl_targets -> {actor_train,
+critic_train} (with algo.old_logprobs=rollout: no actor_logp, and critic_inf on its own layout
+instead of critic_values). GRPO and RLOO drop the critic and sample several completions per
+prompt; ReMax adds a greedy generation and its reward as the baseline; RAFT fine-tunes on the best
+of several samples. Every call can run on its own mesh and layout (`allocations`); the actor's
+weights are reallocated from its ZeRO-3 training partitions into the generation layout at every
+step; `rl_targets` (no model) computes the step's advantages once for every training call.
 """
 
 from __future__ import annotations

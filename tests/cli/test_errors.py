@@ -1,6 +1,9 @@
 """Bad inputs fail fast with a message that names the problem, and no process hangs (timeouts)."""
 
+import re
 import sys
+
+import pytest
 
 from tests.cli.helpers import TINY_RUN, run_cli, write_jsonl
 
@@ -61,3 +64,22 @@ def test_bad_rl_settings_fail_before_any_process_starts(tmp_path):
             "reward.function: cannot import module 'no_such_module'")
     _failed(run_cli(["ppo", "model.path=tiny-llama", "rollout.offload_train_states=true"], tmp_path, timeout=60),
             "rollout.offload_train_states: moves GPU states to CPU; this machine has no GPU")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["algo.tis_cap=2", "algo.old_logprobs=rollout"], "algo.tis_cap: weights by exp(old - rollout log-prob), which "
+                                                      "needs old_logprobs=recompute"),
+    (["algo.loss_agg=token-sum"], "algo.loss_agg: 'token-sum' was replaced by 'seq-mean-token-sum-norm'"),
+    (["algo.loss_agg=seq-mean"], "algo.loss_agg: 'seq-mean' was replaced by 'seq-mean-token-mean'"),
+    (["engine.inference=zero3"],  # PPO trains the actor on rank 0 only: generation cannot use its engine on 0-1
+     "allocations.actor_gen: engine.inference=zero3 runs actor_gen on the actor engine itself, so it needs that "
+     "engine's mesh [0] with d1; got d2t1@[0-1]"),
+])
+def test_bad_policy_settings_name_the_field(overrides, message):
+    from ds_realloc.dataflow.rlhf import PPO, PPOConfig
+    from ds_realloc.dataflow.runner import plan_run
+    from ds_realloc.utils.config import load_config
+    from ds_realloc.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_run(PPO, load_config(PPOConfig, None, ["model.path=tiny-llama", *overrides]), 2)

@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 
 from ds_realloc.dataflow.allocation import AllocationConfig, resolve_allocations
 from ds_realloc.dataflow.experiments import all_experiments
-from ds_realloc.dataflow.mfc import MFCKind, topological_order
+from ds_realloc.dataflow.mfc import topological_order
 from ds_realloc.layout.model import model_spec
 from ds_realloc.utils.errors import ConfigError
 

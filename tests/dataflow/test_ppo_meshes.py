@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
+from ds_realloc.models.hf_io import save_hf_folder
 from ds_realloc.models.presets import resolve_model_path
 from tests.comm.oracle import expected_buffers
 from tests.distributed import run_ranks
@@ -27,8 +28,7 @@ def _reward_model(folder: Path) -> Path:
     base = resolve_model_path("tiny-llama")
     config = AutoConfig.from_pretrained(base, num_labels=1)
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    save_hf_folder(AutoModelForSequenceClassification.from_config(config), AutoTokenizer.from_pretrained(base), folder)
     return folder
 
 
