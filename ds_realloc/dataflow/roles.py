@@ -45,6 +45,11 @@ class Role:
         return self.frozen.module if self.frozen is not None else None
 
     @property
+    def ds_engine(self):
+        """The DeepSpeed engine holding the role's module on this rank (None off its mesh or for a replica)."""
+        return self.engine if self.engine is not None else getattr(self.frozen, "_engine", None)
+
+    @property
     def group(self):
         """The process group of the role's mesh (None on ranks outside it)."""
         return group_of(self.mesh.ranks) if dist.get_rank() in self.mesh.ranks else None

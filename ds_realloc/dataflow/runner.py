@@ -99,7 +99,7 @@ class Run:
         if role is None:
             return None, {}
         if self.cfg.engine.inference == "zero3":
-            return (ZeroInferenceCall(role.module) if role.module is not None else None), {}
+            return (ZeroInferenceCall(role.module, role.ds_engine) if role.module is not None else None), {}
         allocation = self.allocations[mfc.name]
         start = time.perf_counter()
         kept = None if role.spec.trainable or role.spec.offload else role.version  # frozen, resident: keep

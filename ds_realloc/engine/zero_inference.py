@@ -12,7 +12,7 @@ mechanism serves them; the log-probs are the policy's (`models.generate.Generati
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -23,14 +23,38 @@ from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import comm_device
 
 
-def gathered(module: nn.Module):
-    """Every parameter of a ZeRO-3 module whole on this rank for the block (a no-op for replicas)."""
+def _parameter_offload(engine):
+    """The object that owns a ZeRO-3 engine's module hooks (DeepSpeedZeRoOffload), or None."""
+    optimizer = getattr(engine, "optimizer", None)
+    return getattr(optimizer, "parameter_offload", optimizer) if optimizer is not None else None
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, engine=None) -> Iterator[None]:
+    """Every parameter of a ZeRO-3 module whole on this rank for the block (a no-op for replicas),
+    with the engine's per-module ZeRO-3 hooks removed meanwhile, as TRL's
+    `unwrap_model_for_generation(ds3_gather_for_generation=True)` does: otherwise each decoding step's
+    forward would release and re-fetch the layers like ordinary ZeRO-3 inference."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if not params:
-        return contextlib.nullcontext()
+        yield
+        return
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params)
+    offload = _parameter_offload(engine)
+    with deepspeed.zero.GatheredParameters(params):
+        if offload is None or not hasattr(offload, "forward_hooks"):
+            yield
+            return
+        for param in params:
+            param.ds_active_sub_modules.clear()
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)  # hooks back (the trace re-records)
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,15 +92,16 @@ def hf_generate(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: Generat
 
 
 class ZeroInferenceCall:
-    """A generate / inference MFC served by a (ZeRO-3) engine's own module (see the module docstring)."""
+    """A generate / inference MFC served by a (ZeRO-3) engine's own module (see the module docstring);
+    `engine` is the DeepSpeed engine that owns the module's ZeRO-3 hooks (None for a replica)."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, engine=None):
+        self.module, self.engine = module, engine
         self.device = comm_device()
 
     def generate(self, prompts, cfg: GenerationConfig, eos_token_ids, pad_token_id) -> Generation:
         model = hf_model_of(self.module)
-        with torch.no_grad(), gathered(model):
+        with torch.no_grad(), gathered(model, self.engine):
             return hf_generate(model, prompts, cfg, eos_token_ids, pad_token_id)
 
     @torch.no_grad()
