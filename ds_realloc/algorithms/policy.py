@@ -69,7 +69,7 @@ class PolicyConfig:
         "gae", "advantage estimator: gae (critic), grpo / dr_grpo (group-normalised), rloo (leave-one-out), "
                "remax (greedy baseline)")
     # rollout is the default of ppo and grpo by measurement (held-out gain per wall-minute, two seeds each):
-    # ppo 6.3 vs 4.5 points/min, grpo 8.9 vs 6.4 (README, "Choosing old_logprobs")
+    # ppo 6.2 vs 4.5 points/min, grpo 8.9 vs 6.4 (README, "Choosing old_logprobs")
     old_logprobs: Literal["recompute", "rollout"] = option(
         "rollout", "the old policy's log-probs (and the critic's old values): recompute = score the rollout "
                    "with the training engine before the update (MFCs actor_logp / critic_values; ratio exactly 1 at "
