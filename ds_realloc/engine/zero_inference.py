@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ds_realloc.models.attention import positions_of
-from ds_realloc.models.generate import Generation, GenerationConfig, policy_temperature
+from ds_realloc.models.generate import Generation, GenerationConfig, left_padded, policy_temperature
 from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import comm_device
 
@@ -57,22 +57,13 @@ def gathered(module: nn.Module, engine=None) -> Iterator[None]:
             offload._register_deepspeed_module(offload.module)  # hooks back (the trace re-records)
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, prompt in enumerate(prompts):
-        ids[i, longest - len(prompt):], mask[i, longest - len(prompt):] = torch.tensor(list(prompt)), 1
-    return ids, mask
-
-
 def hf_generate(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                 eos_token_ids: Sequence[int], pad_token_id: int, synced_gpus: bool = False) -> Generation:
     """HF `generate` with our sampling settings, as a `Generation` (pad after EOS, the policy's
     log-probs of the chosen tokens from the unprocessed logits)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
-    ids, mask = _left_padded(prompts, pad_token_id)
+    ids, mask = left_padded(prompts, pad_token_id)
     device = comm_device()
     config = HFGenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                 do_sample=not cfg.greedy, temperature=cfg.temperature if not cfg.greedy else None,

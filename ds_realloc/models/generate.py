@@ -112,18 +112,28 @@ def _forbid(logits: torch.Tensor, tokens: Sequence[int], vocab: VocabShard) -> N
             logits[:, token - vocab.start] = float("-inf")
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as a left-padded [B, longest] batch of ids and its attention mask (CPU, long)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos_token_ids: Sequence[int],
              pad_token_id: int) -> Generation:
     """Continue every prompt (token ids) with up to `cfg.max_new_tokens` tokens."""
     device, batch = model.device, len(prompts)
-    longest = max(len(p) for p in prompts)
+    input_ids, prompt_mask = left_padded(prompts, pad_token_id)
+    longest = input_ids.shape[1]
     capacity = longest + cfg.max_new_tokens
-    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
+    input_ids = input_ids.to(device)
     valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        valid[row, longest - len(prompt):longest] = True
+    valid[:, :longest] = prompt_mask.bool()
     cache = KVCache(model.num_layers, batch, model.kv_heads, capacity, model.head_dim, model.dtype, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     eos = torch.tensor(list(eos_token_ids), device=device)

@@ -24,6 +24,14 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 
+def _row_numel(shape) -> int:
+    """Elements of one index along dim 0 (a row of the row-major flattening)."""
+    row = 1
+    for dim in shape[1:]:
+        row *= dim
+    return row
+
+
 class CheckpointReader:
     """Tensors of an HF folder (safetensors, or legacy .bin via mmap) addressed by name."""
 
@@ -89,9 +97,7 @@ class CheckpointReader:
             return flat.as_strided((count, length), (stride, 1))
         tensor_slice = handle.get_slice(name)
         shape = tensor_slice.get_shape()
-        row = 1
-        for dim in shape[1:]:
-            row *= dim
+        row = _row_numel(shape)
         column = offset % row
         if len(shape) == 2 and stride == row and column + length <= row:
             first = offset // row
@@ -112,9 +118,7 @@ class CheckpointReader:
         if len(shape) <= 1:
             self.elements_read += end - start
             return tensor_slice[start:end].reshape(-1)
-        row = 1
-        for dim in shape[1:]:
-            row *= dim
+        row = _row_numel(shape)
         first, last = start // row, -(-end // row)
         rows = tensor_slice[first:last].reshape(-1)
         self.elements_read += rows.numel()

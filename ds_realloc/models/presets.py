@@ -140,12 +140,33 @@ def _loadable(folder: Path) -> str | None:
     return f"no weights for {sorted(missing)[:3]}" if missing else None
 
 
+_VERIFIED: set[tuple] = set()  # preset folders (as their files stood) this process has seen load
+
+
+def _state(target: Path) -> tuple:
+    """The folder's marker and weight files with their modification times: what a check vouches for."""
+    files = sorted([target / _COMPLETE_MARK, *target.glob("*.safetensors")])
+    return (target, *((f.name, f.stat().st_mtime_ns) for f in files if f.exists()))
+
+
+def _complete(target: Path) -> bool:
+    """Marked complete and loadable; the (cheap but not free) load check runs once per folder state."""
+    if not (target / _COMPLETE_MARK).exists():
+        return False
+    state = _state(target)
+    if state not in _VERIFIED:
+        if _loadable(target) is not None:
+            return False
+        _VERIFIED.add(state)
+    return True
+
+
 def materialise_preset(name: str) -> Path:
     """The cache folder of a preset, built on first use (under a lock; atomically renamed into place).
     It is marked complete only once it loads; a folder marked complete that does not load (an older
     version's build on a non-zero rank wrote no weights) is rebuilt."""
     target = cache_dir() / "models" / name
-    if (target / _COMPLETE_MARK).exists() and _loadable(target) is None:
+    if _complete(target):
         return target
     with _locked(cache_dir() / "models" / f"{name}.lock"):
         if (target / _COMPLETE_MARK).exists():
@@ -163,6 +184,7 @@ def materialise_preset(name: str) -> Path:
         (staging / _COMPLETE_MARK).write_text("ok\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
+        _VERIFIED.add(_state(target))
     return target
 
 
