@@ -26,8 +26,9 @@ def headline(report: dict, ours: tuple[str, ...], baselines: tuple[str, ...], me
         return value if higher_is_better else -value
 
     best_ours, best_baseline = max(ours, key=better), max(baselines, key=better)
-    ratio = report[best_ours][metric] / report[best_baseline][metric]
-    out = {"best": best_ours, "best_baseline": best_baseline, "speedup_vs_best": ratio if higher_is_better else 1 / ratio}
+    ours_value, baseline_value = report[best_ours][metric], report[best_baseline][metric]
+    ratio = ours_value / baseline_value if higher_is_better else baseline_value / ours_value
+    out = {"best": best_ours, "best_baseline": best_baseline, "speedup_vs_best": ratio}
     if memory is not None:
         out["mem_ratio_vs_best"] = report[best_ours][memory] / max(report[best_baseline][memory], 1)
     return out
