@@ -57,10 +57,11 @@ def _generate_command() -> DistributedCommand:
     from ds_realloc.dataflow import generation
 
     def prepare(cfg, nprocs: int) -> None:
+        from transformers import AutoConfig
+
         from ds_realloc.models.presets import resolve_model_path
 
-        generation.check_world(cfg, nprocs)
-        resolve_model_path(cfg.model, field="model")
+        generation.generation_layout(cfg, nprocs, AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model")))
 
     return DistributedCommand("generate completions on a d x t layout (each rank reads only its shard)",
                               generation.GenerateConfig, prepare, generation.run_generate)
@@ -108,6 +109,7 @@ def launch_workers(nprocs: int, argv: Sequence[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    os.environ["LOCAL_SIZE"] = str(nprocs)  # all on this host: DeepSpeed's shared-memory all-reduce (comm.shm)
     args = get_args_parser().parse_args(["--standalone", "--nnodes=1", f"--nproc_per_node={nprocs}",
                                          "--module", "ds_realloc", *argv])
     try:

@@ -60,23 +60,27 @@ class GenerateConfig(GenerationConfig):
         return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def check_world(cfg: GenerateConfig, world: int) -> None:
+def generation_layout(cfg: GenerateConfig, world: int, config) -> Layout:
+    """The d x t layout of `world` ranks for the model's HF config; a ConfigError when it cannot take it
+    (checked by the launching process too, before any rank starts)."""
     if world % cfg.tp:
         raise ConfigError(f"tp={cfg.tp} does not divide the {world} processes")
+    layout = Layout(model_spec(config), DeviceMesh(tuple(range(world))), Strategy(dp=world // cfg.tp, tp=cfg.tp),
+                    fused=True)
+    layout.buffers(0)  # every rank's shards exist: the heads split tp ways
+    return layout
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate a completion for every prompt and write them, in prompt order, from rank 0."""
     rank, world = init_distributed(cfg.dist_timeout_s)
     setup_logging(rank)
-    check_world(cfg, world)
     path = resolve_model_path(cfg.model, field="model")
     config = AutoConfig.from_pretrained(path)
+    layout = generation_layout(cfg, world, config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     samples = tokenize_records(load_records(cfg.prompts, "eval", "prompts"), "prompts",
                                ChatFormatter(tokenizer, cfg.chat_template), cfg.max_prompt_len)
-    layout = Layout(model_spec(config), DeviceMesh(tuple(range(world))), Strategy(dp=world // cfg.tp, tp=cfg.tp),
-                    fused=True)
     dp, tp_rank, pp = layout.coords(rank)
     dtype = TORCH_DTYPES[auto_dtype() if cfg.dtype == "auto" else cfg.dtype]
     prefix = "transformer" if family_of(config).name == "gpt2" else "model"
@@ -86,7 +90,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     logger.info("rank %d read %.1f%% of the checkpoint's elements (its tp=%d shard)", rank,
                 100 * reader.elements_read / stored, cfg.tp)
     group = group_of([layout.ranks[layout.strategy.index(dp, t, pp)] for t in range(cfg.tp)]) if cfg.tp > 1 else None
-    model = inference_model(config, weights, TensorParallel(cfg.tp, tp_rank, group))
+    model = inference_model(config, weights, TensorParallel.of(cfg.tp, tp_rank, group))
     eos = sorted({tokenizer.eos_token_id, *([config.eos_token_id] if isinstance(config.eos_token_id, int)
                                             else config.eos_token_id or [])})
     mine = list(range(dp, len(samples), layout.strategy.dp))

@@ -106,7 +106,7 @@ class HybridEngine:
         tp_size = placed.strategy.tp
         group = group_of([placed.ranks[placed.strategy.index(dp, t, pp)] for t in range(tp_size)]) \
             if tp_size > 1 else None
-        return inference_model(self.config, shaped(placed, rank, buffers), TensorParallel(tp_size, tp_rank, group))
+        return inference_model(self.config, shaped(placed, rank, buffers), TensorParallel.of(tp_size, tp_rank, group))
 
     def blend_into(self, other: "HybridEngine", ema: float) -> ReallocStats:
         """other <- ema * self + (1 - ema) * other, in place in the other model's own partitions (ZeRO-3

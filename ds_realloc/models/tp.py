@@ -15,24 +15,45 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ds_realloc.comm import shm
+
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's place in its tensor-parallel group (group None when tp = 1)."""
+    """This rank's place in its tensor-parallel group (group None when tp = 1). With `shm`, float
+    collectives go through the same-host shared-memory all-reduce (comm.shm; see `of`)."""
 
     size: int = 1
     rank: int = 0
     group: dist.ProcessGroup | None = None
+    shm: bool = False
+
+    @staticmethod
+    def of(size: int, rank: int, group: dist.ProcessGroup | None) -> "TensorParallel":
+        """The group's collectives on the fastest path this job has for them."""
+        return TensorParallel(size, rank, group, size > 1 and shm.available(size))
+
+    def _fast(self, tensor: torch.Tensor) -> bool:
+        return self.shm and tensor.dtype in shm.DTYPES and tensor.device.type == "cpu"
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(tensor, op=op, group=self.group)
+        if self.size == 1:
+            return tensor
+        if self._fast(tensor) and op == dist.ReduceOp.SUM:
+            return shm.all_reduce_sum_(tensor)
+        if self._fast(tensor) and op == dist.ReduceOp.MAX:
+            return tensor.copy_(self.all_gather(tensor).amax(0))
+        dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """[tp, *shape]: every rank's tensor, in tp-rank order."""
         if self.size == 1:
             return tensor.unsqueeze(0)
+        if self._fast(tensor):  # a sum in which every rank fills only its own row: exact
+            out = torch.zeros((self.size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+            out[self.rank] = tensor
+            return shm.all_reduce_sum_(out)
         tensor = tensor.contiguous().view(1, *tensor.shape)
         out = torch.empty((self.size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
         dist.all_gather_into_tensor(out, tensor, group=self.group)  # concatenates along dim 0
@@ -98,12 +119,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, shard: VocabShard
 
 
 def argmax(logits: torch.Tensor, shard: VocabShard, tp: TensorParallel) -> torch.Tensor:
-    """The global argmax over the vocabulary (lowest id on ties, like torch.argmax)."""
+    """The global argmax over the vocabulary (lowest id on ties, like torch.argmax): the first rank
+    holding the largest value wins (lower ranks hold lower ids) and contributes its id to a sum."""
     values, index = logits.max(-1)
     if tp.size == 1:
         return index
     values = tp.all_gather(values)  # [tp, ...]
-    ids = tp.all_gather(index + shard.start)
-    best = values.amax(0, keepdim=True)
-    ids = torch.where(values == best, ids, torch.full_like(ids, shard.vocab))
-    return ids.amin(0)
+    winner = (values == values.amax(0, keepdim=True)).int().argmax(0)  # the first maximal rank
+    mine = torch.where(winner == tp.rank, index + shard.start, torch.zeros_like(index))
+    exact = torch.float32 if shard.vocab <= 2**24 else torch.float64  # ids are exact integers in it
+    return tp.all_reduce(mine.to(exact)).long()

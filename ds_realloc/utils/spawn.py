@@ -49,7 +49,8 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240, env: d
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), **(env or {})}
+    # LOCAL_SIZE: every rank is on this host (DeepSpeed's shared-memory all-reduce reads it; comm.shm)
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), "LOCAL_SIZE": str(world), **(env or {})}
     procs = [ctx.Process(target=_child, args=(fn, r, world, port, env, results, args), daemon=True)
              for r in range(world)]
     saved = {key: os.environ.get(key) for key in env}
