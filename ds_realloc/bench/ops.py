@@ -43,9 +43,10 @@ def _best(fn: Callable[[object], object], repeat: int, setup: Callable[[], objec
 
 
 def _peak(fn: Callable[[object], object], setup: Callable[[], object] = lambda: None) -> int:
-    from ds_realloc.utils.memory import PeakMemory
+    from ds_realloc.utils.memory import PeakMemory, return_freed_memory
 
     argument = setup()
+    return_freed_memory()
     with PeakMemory() as memory:
         fn(argument)
     return memory.bytes

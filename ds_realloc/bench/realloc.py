@@ -150,21 +150,24 @@ def tp_gather_groups(module, layout, rank: int, dtype: torch.dtype, group_size: 
 def _measure(op, repeat: int) -> tuple[float, int, dict]:
     import torch.distributed as dist
 
-    from ds_realloc.utils.memory import PeakMemory
+    from ds_realloc.utils.memory import PeakMemory, return_freed_memory
 
     output = op()  # warm-up (and the output for the cross-check)
-    times, peaks = [], []
+    times = []
     for _ in range(repeat):
         dist.barrier()
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            result = op()
-            dist.barrier()
-            elapsed = time.perf_counter() - start
-            del result
-        times.append(elapsed)
-        peaks.append(memory.bytes)
-    return statistics.median(times), max(peaks), output
+        start = time.perf_counter()
+        result = op()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+        del result
+    return_freed_memory()  # one more call for the peak memory (sampling it would slow the timed calls)
+    dist.barrier()
+    with PeakMemory() as memory:
+        result = op()
+        dist.barrier()
+        del result
+    return statistics.median(times), memory.bytes, output
 
 
 def _bench_rank(rank: int, world: int, cfg_dict: dict, variant: str) -> dict:
@@ -223,9 +226,8 @@ def run_realloc_bench(cfg: ReallocBenchConfig) -> dict:
     _, model, plan = _plan(cfg)
     if not set(plan.dst.ranks) <= set(plan.src.ranks):
         raise ConfigError("the baseline (GatheredParameters) needs the destination on the source's ranks")
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # freed tensors leave the RSS
     baselines = BASELINES if plan.dst.strategy.tp > 1 else {"baseline": BASELINES["baseline"]}
-    runs = {variant: run_ranks(_bench_rank, cfg.nprocs, asdict(cfg), variant, timeout=cfg.timeout_s, env=env)
+    runs = {variant: run_ranks(_bench_rank, cfg.nprocs, asdict(cfg), variant, timeout=cfg.timeout_s)
             for variant in ("ours", *baselines)}
     element = torch.empty((), dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16).element_size()
     lower = lower_bound(plan.src, plan.dst)

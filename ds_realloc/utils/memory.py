@@ -15,10 +15,28 @@ def memory_stats() -> dict[str, float]:
     return stats
 
 
+def return_freed_memory() -> None:
+    """From now on this process hands freed blocks of 64 KiB or more back to the OS (glibc's mallopt:
+    mmap threshold 64 KiB, trim threshold 0) and trims what its heap holds now, so its RSS follows
+    the live tensors. A no-op without glibc. Every large allocation becomes an mmap: not for timing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 65536)
+    mallopt(m_trim_threshold, 0)
+    trim(0)
+
+
 class PeakMemory:
     """Peak memory above the level at entry while a block runs: the allocator's peak on GPU, the
-    process RSS sampled every `interval_s` on CPU (run with MALLOC_MMAP_THRESHOLD_ set low so that
-    freed tensors leave the RSS)."""
+    process RSS sampled every `interval_s` on CPU (call `return_freed_memory` first, so that freed
+    tensors leave the RSS). The sampler and the returned memory slow the block: time it apart."""
 
     def __init__(self, interval_s: float = 0.0005):
         self.interval_s = interval_s

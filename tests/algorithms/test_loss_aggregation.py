@@ -60,7 +60,7 @@ def _engine(head: str, micro: int, world: int):
     return engine
 
 
-def _gradients(rank: int, world: int, micro: int) -> dict[str, torch.Tensor]:
+def _gradients_at(rank: int, world: int, micro: int) -> dict[str, torch.Tensor]:
     from ds_realloc.algorithms.dpo import DPOInterface
     from ds_realloc.algorithms.policy import CriticTrainInterface, PolicyConfig, PolicyTrainInterface
     from ds_realloc.algorithms.sft import SFTInterface
@@ -89,11 +89,14 @@ def _gradients(rank: int, world: int, micro: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _gradients(rank: int, world: int, micros: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
+    return [_gradients_at(rank, world, micro) for micro in micros]
+
+
 @pytest.fixture(scope="module")
 def splits():
-    one = run_ranks(_gradients, 1, 8, timeout=240)[0]
-    two_by_4 = run_ranks(_gradients, 2, 4, timeout=240)[0]
-    two_by_2 = run_ranks(_gradients, 2, 2, timeout=240)[0]
+    one = run_ranks(_gradients, 1, (8,), timeout=240)[0][0]
+    two_by_4, two_by_2 = run_ranks(_gradients, 2, (4, 2), timeout=240)[0]  # both splits in one pair of processes
     return one, two_by_4, two_by_2
 
 

@@ -19,6 +19,24 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, launcher: list[str
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
+def run_main(args: list[str]) -> subprocess.CompletedProcess:
+    """`ds-realloc <args>` in this process, for commands that end before starting any rank (bad input,
+    tools): the exit code and what it printed, without paying an interpreter start per call."""
+    import contextlib
+    import io
+
+    from ds_realloc.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

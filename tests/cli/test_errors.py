@@ -1,11 +1,13 @@
-"""Bad inputs fail fast with a message that names the problem, and no process hangs (timeouts)."""
+"""Bad inputs fail fast with a message that names the problem, and no process hangs (timeouts). The
+checks that run before any rank starts are called in-process (`run_main`); the ones inside the ranks
+go through a launcher."""
 
 import re
 import sys
 
 import pytest
 
-from tests.cli.helpers import TINY_RUN, run_cli, write_jsonl
+from tests.cli.helpers import TINY_RUN, run_cli, run_main, write_jsonl
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ds_realloc"]
 
@@ -23,7 +25,7 @@ def _failed_under_launcher(result, needle):
 
 def test_malformed_jsonl_line(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "answer": "b"}, '{"prompt": "a", "answer": }'])
-    result = run_cli(["sft", *TINY_RUN, f"data.train={data}"], tmp_path, timeout=120)
+    result = run_cli(["sft", *TINY_RUN, f"data.train={data}"], tmp_path, timeout=120)  # read inside the ranks
     _failed(result, f"{data}:2: invalid JSON")
 
 
@@ -37,32 +39,32 @@ def test_missing_field(tmp_path):
 def test_bad_config_key_in_yaml_and_on_the_command_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  path: tiny-llama\noptim:\n  learning_rate: 0.1\n")
-    _failed(run_cli(["sft", str(config)], tmp_path, timeout=60), f"{config}:4: unknown field 'optim.learning_rate'")
-    _failed(run_cli(["rm", "train.batchsize=4"], tmp_path, timeout=60),
+    _failed(run_main(["sft", str(config)]), f"{config}:4: unknown field 'optim.learning_rate'")
+    _failed(run_main(["rm", "train.batchsize=4"]),
             "unknown field 'train.batchsize' (did you mean 'train.batch_size'?)")
 
 
 def test_model_path_that_does_not_exist(tmp_path):
-    _failed(run_cli(["sft", f"model.path={tmp_path}/missing"], tmp_path, timeout=60),
+    _failed(run_main(["sft", f"model.path={tmp_path}/missing"]),
             f"model.path: '{tmp_path}/missing' does not exist")
-    _failed(run_cli(["dpo", *TINY_RUN, f"ref.path={tmp_path}"], tmp_path, timeout=60),
+    _failed(run_main(["dpo", *TINY_RUN, f"ref.path={tmp_path}"]),
             f"ref.path: '{tmp_path}' is not an HF model folder")
 
 
 def test_world_size_that_does_not_fit(tmp_path):
     message = "allocations.actor_train: 3 data-parallel groups do not divide the 8 samples of a step"
-    _failed(run_cli(["sft", *TINY_RUN, "launch.nprocs=3"], tmp_path, timeout=60), message)
+    _failed(run_main(["sft", *TINY_RUN, "launch.nprocs=3"]), message)
     # the same check inside the ranks when a launcher started them (torchrun prints its own report)
     _failed_under_launcher(run_cli(["sft", *TINY_RUN, "train.batch_size=6"], tmp_path, timeout=120, launcher=TORCHRUN),
             "train.batch_size=6 is not divisible by train.micro_batch_size=2 x 2 data-parallel ranks")
 
 
 def test_bad_rl_settings_fail_before_any_process_starts(tmp_path):
-    _failed(run_cli(["ppo", "model.path=tiny-llama", "allocations.actor_gen.strategy=t3"], tmp_path, timeout=60),
+    _failed(run_main(["ppo", "model.path=tiny-llama", "allocations.actor_gen.strategy=t3"]),
             "allocations.actor_gen.strategy: t3 needs 3 ranks, the mesh has 2")
-    _failed(run_cli(["grpo", "model.path=tiny-llama", "reward.function=no_such_module:score"], tmp_path, timeout=60),
+    _failed(run_main(["grpo", "model.path=tiny-llama", "reward.function=no_such_module:score"]),
             "reward.function: cannot import module 'no_such_module'")
-    _failed(run_cli(["ppo", "model.path=tiny-llama", "rollout.offload_train_states=true"], tmp_path, timeout=60),
+    _failed(run_main(["ppo", "model.path=tiny-llama", "rollout.offload_train_states=true"]),
             "rollout.offload_train_states: moves GPU states to CPU; this machine has no GPU")
 
 

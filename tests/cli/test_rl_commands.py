@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.cli.helpers import metrics, run_cli, summary
-from tests.distributed import free_port
+from tests.distributed import free_port, run_ranks
 
 TINY_RL = ["model.path=tiny-llama", "rollout.max_new_tokens=8", "rollout.eval_max_new_tokens=8",
            "rollout.eval_prompts=8", "output.save_hf=false"]
@@ -41,13 +41,35 @@ def test_grpo_raises_a_toy_reward(tmp_path):
     assert first < 0.3 and last > first + 0.5, rewards  # measured: 0.16 -> 0.97
 
 
+def lowercase_share(prompts, completions, **fields):
+    """TOY_REWARD, importable by the in-process runs below."""
+    return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
+
+
+OTHERS = ("rloo", "remax", "raft")
+
+
+def _other_algorithms(rank: int, world: int, out: str) -> None:
+    from ds_realloc.cli import _training_commands, parse_run_args
+
+    commands = _training_commands()
+    for command in OTHERS:  # what `ds-realloc <command>` runs on each rank, both ranks in these two processes
+        args = [*TINY_RL, "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=2",
+                "reward.function=tests.cli.test_rl_commands:lowercase_share", f"output.dir={out}/{command}"]
+        commands[command].run(parse_run_args(commands[command].config_cls, args))
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("others")
+    run_ranks(_other_algorithms, 2, str(out), timeout=400)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["rloo", "remax", "raft"])
-def test_other_algorithms_train_and_report(tmp_path, command):
-    (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
-    run = tmp_path / "run"
-    _assert_ok(run_cli([command, *TINY_RL, "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=2",
-                        "reward.function=toy_reward:lowercase_share", f"output.dir={run}"], tmp_path, timeout=300))
+@pytest.mark.parametrize("command", OTHERS)
+def test_other_algorithms_train_and_report(other_runs, command):
+    run = other_runs / command
     rows = {row["step"]: row for row in metrics(run)}
     assert sorted(rows) == [0, 1, 2]
     for step in (1, 2):

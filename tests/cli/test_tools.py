@@ -2,18 +2,18 @@
 
 import json
 
-from tests.cli.helpers import run_cli
+from tests.cli.helpers import run_cli, run_main
 
 
 def test_plan_stats_json(tmp_path):
-    result = run_cli(["plan-stats", "model=llama-7b", "world=8", "src=zero3", "dst=d4t2", "--json"], tmp_path, 120)
+    result = run_main(["plan-stats", "model=llama-7b", "world=8", "src=zero3", "dst=d4t2", "--json"])
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["recv_equals_lower_bound"] and report["params"] == 6_738_415_616
     # every rank needs a 1/2 tensor shard of the model and holds 1/8 of it, part of which it needs
     shard = report["model_bytes"] / 2
     assert 0.7 * shard < report["recv_bytes_mean"] <= shard
-    failed = run_cli(["plan-stats", "model=smollm2-135m-instruct", "world=2", "dst=t2"], tmp_path, 120)
+    failed = run_main(["plan-stats", "model=smollm2-135m-instruct", "world=2", "dst=t2"])
     assert failed.returncode == 2 and "tp=2 does not divide model.layers.0.self_attn.q_proj.weight" in failed.stderr
 
 
@@ -49,7 +49,7 @@ def test_generate_is_the_same_greedy_text_at_tp2_and_d2(tmp_path):
 
 
 def test_generate_reports_layouts_the_model_cannot_take(tmp_path):
-    result = run_cli(["generate", "--tp", "2", "--max_new_tokens", "4"], tmp_path, 300)  # SmolLM2 has 9 heads
+    result = run_main(["generate", "--tp", "2", "--max_new_tokens", "4"])  # SmolLM2 has 9 heads
     assert result.returncode != 0 and "tp=2 does not divide" in result.stderr and "9 heads" in result.stderr
 
 
