@@ -92,8 +92,6 @@ def test_every_layout_pair_gives_exact_shards(world, preset, kernels):
 
 
 def _zero3_engine(path, world_ranks, dtype_name, offload):
-    import torch.distributed as dist
-
     from ds_realloc.engine.config import EngineConfig, OptimConfig
     from ds_realloc.engine.ds_config import BatchGeometry, train_ds_config
     from ds_realloc.engine.factory import build_train_engine
@@ -199,7 +197,7 @@ def test_from_live_zero3_partitions(world, dtype, offload, train_ranks):
 
 def _into_reference(rank, world):
     from ds_realloc.comm.realloc import reallocate, zero3_sources
-    from ds_realloc.engine.ds_config import frozen_ds_config, torch_dtype
+    from ds_realloc.engine.ds_config import frozen_ds_config
     from ds_realloc.engine.factory import build_frozen_model
     from ds_realloc.layout.layout import Layout
     from ds_realloc.layout.mesh import DeviceMesh, Strategy
