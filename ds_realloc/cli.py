@@ -61,7 +61,8 @@ def _generate_command() -> DistributedCommand:
 
         from ds_realloc.models.presets import resolve_model_path
 
-        generation.generation_layout(cfg, nprocs, AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model")))
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
+        generation.generation_layout(cfg.tp, nprocs, config)
 
     return DistributedCommand("generate completions on a d x t layout (each rank reads only its shard)",
                               generation.GenerateConfig, prepare, generation.run_generate)

@@ -151,15 +151,13 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
 def _tp_fits(cfg: GenerateBenchConfig) -> bool:
     from transformers import AutoConfig
 
-    from ds_realloc.layout.layout import Layout
-    from ds_realloc.layout.mesh import DeviceMesh, Strategy
-    from ds_realloc.layout.model import model_spec
+    from ds_realloc.dataflow.generation import generation_layout
     from ds_realloc.models.presets import resolve_model_path
     from ds_realloc.utils.errors import ConfigError
 
-    model = model_spec(AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model")))
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
     try:
-        Layout(model, DeviceMesh(tuple(range(cfg.nprocs))), Strategy(tp=cfg.nprocs), fused=True).buffers(0)
+        generation_layout(cfg.nprocs, cfg.nprocs, config)
     except ConfigError:
         return False
     return True

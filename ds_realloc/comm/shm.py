@@ -22,29 +22,26 @@ import os
 import torch
 import torch.distributed as dist
 
+from ds_realloc.utils.dist import shm_all_reduce_started
+
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the op reduces (it skips others silently)
 
 
 def _backend():
-    try:
-        from deepspeed.comm import comm as ds_comm
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        return None
+    from deepspeed.comm import comm as ds_comm
+
     return ds_comm.cdb
 
 
 def available(group_size: int) -> bool:
     """Whether a group of `group_size` ranks can reduce through the shared-memory op: it is the
     whole job, the job is on one host with a core per rank, and DeepSpeed's backend built the op."""
-    if not dist.is_initialized() or group_size != dist.get_world_size() or group_size < 2:
+    if group_size < 2 or not shm_all_reduce_started() or group_size != dist.get_world_size():
         return False
     if group_size > (os.cpu_count() or 1):  # its waits spin: more ranks than cores would starve the others
         return False
-    backend = _backend()
-    return (backend is not None and getattr(backend, "shm_comm_op", None) is not None
-            and getattr(backend, "shm_vector_kernel_level", 0) >= 1
-            and os.environ.get("LOCAL_SIZE") == str(group_size)
+    return (getattr(_backend(), "shm_vector_kernel_level", 0) >= 1
             and hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_"))
 
 

@@ -60,13 +60,12 @@ class GenerateConfig(GenerationConfig):
         return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def generation_layout(cfg: GenerateConfig, world: int, config) -> Layout:
+def generation_layout(tp: int, world: int, config) -> Layout:
     """The d x t layout of `world` ranks for the model's HF config; a ConfigError when it cannot take it
     (checked by the launching process too, before any rank starts)."""
-    if world % cfg.tp:
-        raise ConfigError(f"tp={cfg.tp} does not divide the {world} processes")
-    layout = Layout(model_spec(config), DeviceMesh(tuple(range(world))), Strategy(dp=world // cfg.tp, tp=cfg.tp),
-                    fused=True)
+    if world % tp:
+        raise ConfigError(f"tp={tp} does not divide the {world} processes")
+    layout = Layout(model_spec(config), DeviceMesh(tuple(range(world))), Strategy(dp=world // tp, tp=tp), fused=True)
     layout.buffers(0)  # every rank's shards exist: the heads split tp ways
     return layout
 
@@ -77,7 +76,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     setup_logging(rank)
     path = resolve_model_path(cfg.model, field="model")
     config = AutoConfig.from_pretrained(path)
-    layout = generation_layout(cfg, world, config)
+    layout = generation_layout(cfg.tp, world, config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     samples = tokenize_records(load_records(cfg.prompts, "eval", "prompts"), "prompts",
                                ChatFormatter(tokenizer, cfg.chat_template), cfg.max_prompt_len)

@@ -124,15 +124,21 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shm_all_reduce_started() -> bool:
+    """Whether DeepSpeed's backend started its shared-memory all-reduce over the whole job: it built
+    the op and every rank is on one host (its own test, LOCAL_SIZE == world; the same on every rank)."""
+    from deepspeed.comm import comm as ds_comm
+
+    return (dist.is_initialized() and os.environ.get("LOCAL_SIZE") == str(dist.get_world_size())
+            and getattr(ds_comm.cdb, "shm_comm_op", None) is not None)
+
+
 def _unlink_shm_segment() -> None:
     """Remove the name of this rank's /dev/shm segment of DeepSpeed's shared-memory all-reduce (made
     when DeepSpeed's backend starts with every rank on one host) once every rank has mapped every
     segment: DeepSpeed never unlinks them, so each job would leave ~67 MB per rank behind until the
     host runs out of memory. The mappings stay valid until the processes exit."""
-    from deepspeed.comm import comm as ds_comm
-
-    made = os.environ.get("LOCAL_SIZE") == str(dist.get_world_size())  # the op's own test, the same on every rank
-    if not made or getattr(ds_comm.cdb, "shm_comm_op", None) is None:
+    if not shm_all_reduce_started():
         return
     dist.barrier()  # every rank's DeepSpeed start (which maps the others' segments) is over
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
