@@ -48,3 +48,32 @@ def summary(run_dir: Path) -> dict:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden metrics: behaviour-preserving refactors must reproduce these runs (see golden/README.md)
+
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_ENV = {"OMP_NUM_THREADS": "1"}  # the thread count the golden files were recorded with
+UNTIMED = ("time/", "realloc/", "mem/", "tokens_per_s")  # clocks, memory and throughput differ run to run
+
+
+def _timeless(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(UNTIMED) and not k.endswith(UNTIMED)}
+
+
+def check_golden(name: str, run_dir: Path) -> None:
+    """The run's metrics.jsonl equals golden/<name>.jsonl within 1e-6 on every key but timings and
+    memory; with DS_REALLOC_UPDATE_GOLDEN=1 the run's metrics become the golden file instead."""
+    import pytest
+
+    rows = [_timeless(row) for row in metrics(run_dir)]
+    path = GOLDEN / f"{name}.jsonl"
+    if os.environ.get("DS_REALLOC_UPDATE_GOLDEN") == "1":
+        write_jsonl(path, rows)
+        return
+    expected = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in expected], name
+    for got, want in zip(rows, expected):
+        assert sorted(got) == sorted(want), (name, got["step"], set(got) ^ set(want))
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6), (name, got["step"])

@@ -7,7 +7,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.cli.helpers import TINY_RUN, metrics, run_cli, summary, write_jsonl
+from tests.cli.helpers import GOLDEN_ENV, TINY_RUN, check_golden, metrics, run_cli, summary, write_jsonl
 
 PAIRS = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a + b + 1}"}
          for a in range(4) for b in range(4)]
@@ -23,7 +23,7 @@ def test_sft_learns_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
     started = time.time()
     _assert_ok(run_cli(["sft", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=6",
-                        "optim.lr=3e-3", f"output.dir={out}"], tmp_path))
+                        "optim.lr=3e-3", f"output.dir={out}"], tmp_path, env=GOLDEN_ENV))
     shell_wall = time.time() - started
     result = summary(out)
     assert result["steps"] == 12
@@ -40,6 +40,7 @@ def test_sft_learns_and_writes_every_output(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step12"
     assert (out / "checkpoints" / "actor" / "latest").read_text() == "step12"
     assert AutoModelForCausalLM.from_pretrained(out / "hf" / "actor").config.model_type == "llama"
+    check_golden("sft", out)
 
 
 def test_reward_model_learns_to_rank_pairs(tmp_path):
@@ -58,11 +59,12 @@ def test_dpo_raises_the_implicit_reward_margin(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     out = tmp_path / "run"
     _assert_ok(run_cli(["dpo", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=8",
-                        "optim.lr=1e-3", "dpo.beta=0.5", f"output.dir={out}"], tmp_path))
+                        "optim.lr=1e-3", "dpo.beta=0.5", f"output.dir={out}"], tmp_path, env=GOLDEN_ENV))
     before, after = summary(out)["eval_before"], summary(out)["eval_after"]
     assert before["eval/actor/reward_margin"] == 0.0 and before["eval/actor/reward_accuracy"] == 0.0
     assert after["eval/actor/reward_accuracy"] >= 0.9 and after["eval/actor/loss"] < 0.6
     assert after["eval/actor/reward_margin"] > 0.2
+    check_golden("dpo", out)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests.cli.helpers import metrics, run_cli, summary
+from tests.cli.helpers import GOLDEN_ENV, UNTIMED, check_golden, metrics, run_cli, summary
 from tests.distributed import free_port, run_ranks
 
 TINY_RL = ["model.path=tiny-llama", "rollout.max_new_tokens=8", "rollout.eval_max_new_tokens=8",
@@ -20,8 +20,6 @@ TOY_REWARD = """
 def lowercase_share(prompts, completions, **fields):
     return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
 """
-# metrics that differ between two identical runs (clocks and memory)
-_UNTIMED = ("time/", "realloc/", "mem/", "tokens_per_s")
 
 
 def _assert_ok(result):
@@ -34,11 +32,12 @@ def test_grpo_raises_a_toy_reward(tmp_path):
     run = tmp_path / "run"
     _assert_ok(run_cli(["grpo", *TINY_RL, "reward.function=toy_reward:lowercase_share", "train.max_steps=20",
                         "train.batch_size=8", "train.micro_batch_size=8", "optim.lr=1e-2", "algo.kl_coef=0",
-                        "data.eval=", f"output.dir={run}"], tmp_path, timeout=600))
+                        "data.eval=", f"output.dir={run}"], tmp_path, timeout=600, env=GOLDEN_ENV))
     rewards = [row["actor/reward"] for row in metrics(run) if row["step"] >= 1]
     assert len(rewards) == 20
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.3 and last > first + 0.5, rewards  # measured: 0.16 -> 0.97
+    check_golden("grpo", run)
 
 
 def lowercase_share(prompts, completions, **fields):
@@ -114,7 +113,8 @@ def test_a_killed_rank_stops_the_job_and_resume_matches_an_uninterrupted_run(tmp
     args = ["ppo", *TINY_RL, "train.batch_size=4", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
             "train.save_every=1", "data.eval=", "launch.dist_timeout_s=300", "ref.ema=0.25"]
     full = tmp_path / "full"
-    _assert_ok(run_cli([*args, f"output.dir={full}"], tmp_path))
+    _assert_ok(run_cli([*args, f"output.dir={full}"], tmp_path, env=GOLDEN_ENV))
+    check_golden("ppo", full)
 
     broken = tmp_path / "broken"
     procs = _rank_processes([*args, f"output.dir={broken}"], broken, 2)
@@ -142,7 +142,7 @@ def test_a_killed_rank_stops_the_job_and_resume_matches_an_uninterrupted_run(tmp
     got = {row["step"]: row for row in metrics(broken)}
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(saved + 1, STEPS + 1):
-        keys = [k for k in expected[step] if not k.startswith(_UNTIMED) and not k.endswith(_UNTIMED)]
+        keys = [k for k in expected[step] if not k.startswith(UNTIMED) and not k.endswith(UNTIMED)]
         assert keys and {k: got[step][k] for k in keys} == pytest.approx({k: expected[step][k] for k in keys},
                                                                             rel=1e-6, abs=1e-7), step
     assert json.loads((broken / "summary.json").read_text())["steps"] == STEPS
