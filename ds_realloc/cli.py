@@ -1,13 +1,16 @@
-"""`ds-realloc <command>`: training commands and tools.
+"""`ds-realloc <command>`: training commands and tools, one table (`commands()`).
 
     ds-realloc sft [CONFIG.yaml] [key=value ...] [--resume] [--deepspeed_config FILE] [--help]
+    ds-realloc my_algos:TOY [...]   an experiment defined outside the package (module:NAME)
 
 A training command run directly (not under deepspeed / torchrun / accelerate / mpirun / srun)
-checks its config, prepares the models, then starts `launch.nprocs` processes itself.
+checks its config, prepares the models, then starts `launch.nprocs` processes itself; each rank
+runs the same command line, so a `module:NAME` experiment is imported on every rank.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -20,6 +23,7 @@ USAGE = """usage: ds-realloc <command> [CONFIG.yaml] [key=value | --key value ..
 
 commands (each runs with no arguments on the embedded default model and task):
 {commands}
+  <module>:<NAME>             the Experiment NAME of an importable module (an algorithm of your own)
 tools:
   prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
   plan-stats [key=value ...]  traffic of a reallocation plan for any model size and layouts (no processes)
@@ -41,7 +45,7 @@ class DistributedCommand:
 
 def _experiment_command(experiment) -> DistributedCommand:
     def prepare(cfg, nprocs: int) -> None:
-        from ds_realloc.dataflow.runner import plan_run
+        from ds_realloc.dataflow.setup import plan_run
 
         plan_run(experiment, cfg, nprocs)
 
@@ -68,12 +72,20 @@ def _generate_command() -> DistributedCommand:
                               generation.GenerateConfig, prepare, generation.run_generate)
 
 
-def _training_commands() -> dict[str, DistributedCommand]:
-    from ds_realloc.dataflow.experiments import all_experiments
+def distributed_commands() -> dict[str, DistributedCommand]:
+    """The commands that run on every rank: the registered experiments and `generate`."""
+    from ds_realloc.dataflow.catalog import builtin_experiments
 
-    commands = {name: _experiment_command(e) for name, e in all_experiments().items()}
+    commands = {name: _experiment_command(e) for name, e in builtin_experiments().items()}
     commands["generate"] = _generate_command()
     return commands
+
+
+def distributed_command(name: str) -> DistributedCommand:
+    """A built-in distributed command, or the experiment `module:NAME`."""
+    from ds_realloc.dataflow.catalog import find_experiment, is_external
+
+    return _experiment_command(find_experiment(name)) if is_external(name) else distributed_commands()[name]
 
 
 def parse_run_args(config_cls: type, args: Sequence[str]):
@@ -150,10 +162,14 @@ def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]
             os.environ[COMMAND_START_VAR] = start
 
 
-BENCHMARKS = {"realloc": ("ds_realloc.bench.realloc", "ReallocBenchConfig"),
-              "generate": ("ds_realloc.bench.generate", "GenerateBenchConfig"),
-              "rlhf": ("ds_realloc.bench.rlhf", "RLHFBenchConfig"),
-              "ops": ("ds_realloc.bench.ops", "OpsBenchConfig")}
+def _benchmarks() -> dict:
+    """Each benchmark's module: `main(args)`, `CONFIG` (its config class) and a docstring."""
+    from ds_realloc.bench import generate, ops, realloc, rlhf
+
+    return {"realloc": realloc, "generate": generate, "rlhf": rlhf, "ops": ops}
+
+
+BENCHMARK_NAMES = ("realloc", "generate", "rlhf", "ops")
 
 
 def _tool_help(name: str, config_cls: type, summary: str) -> None:
@@ -164,14 +180,11 @@ def _tool_help(name: str, config_cls: type, summary: str) -> None:
 
 
 def _bench(args: Sequence[str]) -> int:
-    import importlib
-
-    if not args or args[0] not in BENCHMARKS:
-        raise UserError(f"bench needs a benchmark name: {', '.join(BENCHMARKS)}")
-    module_name, config_name = BENCHMARKS[args[0]]
-    module = importlib.import_module(module_name)
+    if not args or args[0] not in BENCHMARK_NAMES:
+        raise UserError(f"bench needs a benchmark name: {', '.join(BENCHMARK_NAMES)}")
+    module = _benchmarks()[args[0]]
     if "--help" in args or "-h" in args:
-        _tool_help(f"bench {args[0]}", getattr(module, config_name), module.__doc__.strip().splitlines()[0])
+        _tool_help(f"bench {args[0]}", module.CONFIG, module.__doc__.strip().splitlines()[0])
         return 0
     return module.main(list(args[1:]))
 
@@ -232,6 +245,13 @@ def _ops(args: Sequence[str]) -> int:
 TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "bench": _bench, "ops": _ops}
 
 
+def commands() -> dict[str, Callable[[Sequence[str]], int]]:
+    """Every command by name: what `ds-realloc <name> <args>` calls with <args>."""
+    table: dict[str, Callable[[Sequence[str]], int]] = {
+        name: functools.partial(_run_distributed, name, command) for name, command in distributed_commands().items()}
+    return {**table, **TOOLS}
+
+
 def _without_local_rank(argv: list[str]) -> list[str]:
     """Drop `--local_rank=N` / `--local_rank N`, which the deepspeed launcher inserts (LOCAL_RANK is in the env)."""
     kept, skip = [], False
@@ -249,19 +269,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = _without_local_rank(list(sys.argv[1:] if argv is None else argv))
     # DeepSpeed calls collectives that torch >= 2.13 renamed; the warnings are not ours to act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    commands = _training_commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        listing = "\n".join(f"  {name:<27} {e.summary}" for name, e in commands.items())
-        print(USAGE.format(commands=listing, benchmarks=", ".join(BENCHMARKS)))
+        listing = "\n".join(f"  {name:<27} {c.summary}" for name, c in distributed_commands().items())
+        print(USAGE.format(commands=listing, benchmarks=", ".join(BENCHMARK_NAMES)))
         sys.exit(0 if argv else 2)
     command, args = argv[0], argv[1:]
     try:
-        if command in commands:
-            code = _run_distributed(command, commands[command], args)
-        elif command in TOOLS:
-            code = TOOLS[command](args)
-        else:
-            raise UserError(f"unknown command '{command}'; commands: {', '.join([*commands, *TOOLS])}")
+        table = commands()
+        if command not in table and ":" in command:
+            table[command] = functools.partial(_run_distributed, command, distributed_command(command))
+        if command not in table:
+            raise UserError(f"unknown command '{command}'; commands: {', '.join(table)}")
+        code = table[command](args)
     except UserError as e:
         from ds_realloc.utils.logging import env_rank
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from ds_realloc.algorithms.functional import dpo_loss, sequence_logprobs
-from ds_realloc.algorithms.interface import (Batch, Metrics, add_metric, add_pair_metrics, micro_slices, padded_pairs,
-                                              train_micro_batches)
+from ds_realloc.algorithms.geometry import micro_slices
+from ds_realloc.algorithms.interface import (Batch, InferenceInterface, Metrics, TrainInterface, add_metric,
+                                             add_pair_metrics, padded_pairs, train_micro_batches)
 
 
 @dataclass(frozen=True)
-class DPOInterface:
+class DPOInterface(TrainInterface, InferenceInterface):
     """`inference` gives the reference log-probs of `batch["pair"]`; `train_step` trains the policy."""
 
     micro_batch_size: int

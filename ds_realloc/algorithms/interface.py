@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from ds_realloc.algorithms.geometry import micro_slices
 from ds_realloc.data.datasets import pad_sequences
 
 Batch = dict[str, list]
@@ -20,7 +21,18 @@ MAX = "max"  # the count of a metric reduced by its largest value (over micro-ba
 Metrics = dict[str, tuple[float, float | None | str]]
 
 
-class TrainInterface(Protocol):
+class Interface(Protocol):
+    """What every MFC's interface has: state a checkpoint keeps (none unless it overrides these)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+
+class TrainInterface(Interface, Protocol):
     def train_step(self, engine: Any, batch: Batch) -> Metrics:
         """Forward, backward and optimizer step(s) on the batch."""
 
@@ -28,14 +40,9 @@ class TrainInterface(Protocol):
         """No-grad metrics on an eval batch (rows with batch["valid"] False are not counted)."""
 
 
-class InferenceInterface(Protocol):
+class InferenceInterface(Interface, Protocol):
     def inference(self, model: Any, batch: Batch) -> Batch:
         """No-grad outputs per sample, merged into the batch for later MFCs."""
-
-
-def micro_slices(batch_len: int, micro_batch_size: int) -> list[slice]:
-    """Consecutive micro-batches of a batch."""
-    return [slice(i, min(i + micro_batch_size, batch_len)) for i in range(0, batch_len, micro_batch_size)]
 
 
 def add_metric(metrics: Metrics, name: str, total: float, count: float | None | str) -> None:

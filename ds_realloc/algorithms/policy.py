@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from ds_realloc.algorithms import functional as F
-from ds_realloc.algorithms.interface import MAX, Batch, Metrics, add_metric, micro_slices, train_micro_batches
+from ds_realloc.algorithms.geometry import update_micro_batches, update_minibatches
+from ds_realloc.algorithms.interface import (MAX, Batch, InferenceInterface, Metrics, TrainInterface, add_metric,
+                                            train_micro_batches)
 from ds_realloc.algorithms.rollout import Rollouts, right_aligned, rollouts_of
 from ds_realloc.utils.config import invalid, option
 
@@ -150,7 +152,7 @@ def policy_logprobs_of(batch: Batch) -> list[torch.Tensor]:
 
 
 @dataclass
-class TargetsInterface:
+class TargetsInterface(InferenceInterface):
     """The `rl_targets` MFC: per-token KL, shaped rewards, advantages and (GAE) returns of this rank's
     rows, whitened over the MFC's mesh, once per step for the actor and the critic alike; it owns
     the (adaptive) KL coefficient and the return normalisation, updated from step-wide statistics."""
@@ -216,24 +218,11 @@ class TargetsInterface:
         return out
 
 
-# -- the update's geometry and the policy's log-probs -------------------------------------------------
+# -- the policy's log-probs -------------------------------------------------
 
 
 def _rows(batch: Batch, rows: list[int]) -> Batch:
     return {key: [values[i] for i in rows] for key, values in batch.items()}
-
-
-def update_minibatches(rows: int, count: int) -> list[list[int]]:
-    """The rows of each optimizer step of a pass over a rank's `rows` (consecutive, equal)."""
-    size = rows // count
-    return [list(range(i * size, (i + 1) * size)) for i in range(count)]
-
-
-def update_micro_batches(rows: int, minibatches: int, micro_batch_size: int) -> list[list[int]]:
-    """The rows of each forward of a pass, in order: the one geometry the update and the recompute
-    share, so both pad every micro-batch the same way."""
-    return [[minibatch[i] for i in range(r.start, r.stop)] for minibatch in update_minibatches(rows, minibatches)
-            for r in micro_slices(len(minibatch), micro_batch_size)]
 
 
 def _policy_logprobs(engine, rollouts: Rollouts, temperature: float = 1.0,
@@ -257,7 +246,7 @@ def _critic_values(engine, rollouts: Rollouts) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class PolicyLogprobsInterface:
+class PolicyLogprobsInterface(InferenceInterface):
     """`actor_logp`: the old policy's log-probs of the rollout from the actor's training engine, with
     the update's own micro-batches (so the same padding and kernels): the first ratio is exactly 1."""
 
@@ -277,7 +266,7 @@ class PolicyLogprobsInterface:
 
 
 @dataclass(frozen=True)
-class CriticValuesInterface:
+class CriticValuesInterface(InferenceInterface):
     """`critic_values`: the critic's values of the rollout's states from its training engine, with the
     update's micro-batches, so the value clip is centred on what the first update computes."""
 
@@ -309,7 +298,7 @@ def _action_units(lengths: list[int], mode: str):
 
 
 @dataclass
-class PolicyTrainInterface:
+class PolicyTrainInterface(TrainInterface):
     """Clipped policy-gradient updates of the actor (PPO, GRPO, RLOO, ReMax differ in the advantage)."""
 
     cfg: PolicyConfig
@@ -395,7 +384,7 @@ class PolicyTrainInterface:
 
 
 @dataclass
-class CriticTrainInterface:
+class CriticTrainInterface(TrainInterface):
     """Regresses the critic's values on the step's returns (clipped around the old values)."""
 
     cfg: PolicyConfig
@@ -437,7 +426,7 @@ class CriticTrainInterface:
 
 
 @dataclass
-class RaftTrainInterface:
+class RaftTrainInterface(TrainInterface):
     """RAFT: fine-tune on the best of each prompt's samples (when its score beats `threshold`); the
     loss is the token mean over every kept token of the step."""
 

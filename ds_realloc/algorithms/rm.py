@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from ds_realloc.algorithms.functional import bradley_terry_loss
-from ds_realloc.algorithms.interface import (Batch, Metrics, add_pair_metrics, micro_slices, padded_pairs,
-                                              train_micro_batches)
+from ds_realloc.algorithms.geometry import micro_slices
+from ds_realloc.algorithms.interface import (Batch, Metrics, TrainInterface, add_pair_metrics, padded_pairs,
+                                             train_micro_batches)
 from ds_realloc.models.value_head import last_token_scores
 
 
 @dataclass(frozen=True)
-class RewardModelInterface:
+class RewardModelInterface(TrainInterface):
     """Trains a scalar-head model so that chosen answers score above rejected ones (`batch["pair"]`)."""
 
     micro_batch_size: int

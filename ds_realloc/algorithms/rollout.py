@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ds_realloc.algorithms.interface import Batch
+from ds_realloc.algorithms.interface import Batch, InferenceInterface
 from ds_realloc.data.rewards import RewardFunction, call_reward
 from ds_realloc.models.attention import positions_of
 from ds_realloc.models.generate import GenerationConfig, completion_ids
@@ -76,7 +76,7 @@ def rollouts_of(batch: Batch, pad_id: int, completion_key: str = "completion") -
 
 
 @dataclass(frozen=True)
-class GenerateInterface:
+class GenerateInterface(InferenceInterface):
     """Samples one completion per row (rows of one prompt differ by their sampling noise)."""
 
     config: GenerationConfig
@@ -99,7 +99,7 @@ class GenerateInterface:
 
 
 @dataclass(frozen=True)
-class RewardFunctionInterface:
+class RewardFunctionInterface(InferenceInterface):
     """Scores completions with a Python function (e.g. a verifiable reward)."""
 
     function: RewardFunction
@@ -121,7 +121,7 @@ class RewardFunctionInterface:
 
 
 @dataclass(frozen=True)
-class RewardModelInterface:
+class RewardModelInterface(InferenceInterface):
     """Scores completions with a reward model: its value at each sequence's last token."""
 
     pad_id: int
@@ -135,7 +135,7 @@ class RewardModelInterface:
 
 
 @dataclass(frozen=True)
-class LogprobsInterface:
+class LogprobsInterface(InferenceInterface):
     """Log-probs of the completion tokens under a model (the reference policy), at the policy's
     temperature (`models.generate.policy_temperature`)."""
 
@@ -151,7 +151,7 @@ class LogprobsInterface:
 
 
 @dataclass(frozen=True)
-class ValuesInterface:
+class ValuesInterface(InferenceInterface):
     """Critic values of the states of every completion."""
 
     pad_id: int

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from ds_realloc.algorithms.functional import token_logprobs
-from ds_realloc.algorithms.interface import (Batch, Metrics, add_metric, micro_slices, to_device,
-                                              train_micro_batches)
+from ds_realloc.algorithms.geometry import micro_slices
+from ds_realloc.algorithms.interface import (Batch, Metrics, TrainInterface, add_metric, to_device, train_micro_batches)
 from ds_realloc.data.datasets import pad_sequences
 
 
 @dataclass(frozen=True)
-class SFTInterface:
+class SFTInterface(TrainInterface):
     """Trains a language model on `batch["seq"]` (TokenizedSequence with answer masks)."""
 
     micro_batch_size: int

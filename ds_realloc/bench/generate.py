@@ -94,7 +94,6 @@ def _bench_rank(rank: int, world: int, cfg_dict: dict, row: str) -> dict:
     def run(new_tokens: int) -> tuple[Generation, float]:
         """The row's whole path from ZeRO-3 partitions to tokens; returns them and the reallocation time."""
         greedy = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, greedy=True)
-        start = time.perf_counter()
         with torch.no_grad():
             if row == "zero3_hf_generate":
                 return hf_generate(frozen.module, prompts[rank::world], greedy, [pad], pad, synced_gpus=True), 0.0
@@ -104,9 +103,9 @@ def _bench_rank(rank: int, world: int, cfg_dict: dict, row: str) -> dict:
             if row == REFERENCE:
                 return hf_generate(replica, prompts[rank::world], greedy, [pad], pad), 0.0
             strategy = Strategy(dp=world) if row == "ours_d2" else Strategy(tp=world)
-            model = hybrid.model_on(hybrid.layout(mesh, strategy))  # not kept: reallocated on every call
-            moved = time.perf_counter() - start
-            return generate(model, prompts[rank::world] if row == "ours_d2" else prompts, greedy, [pad], pad), moved
+            with hybrid.placed(hybrid.layout(mesh, strategy)) as placement:  # not kept: reallocated on every call
+                mine = prompts[rank::world] if row == "ours_d2" else prompts
+                return generate(placement.model, mine, greedy, [pad], pad), placement.seconds
 
     run(2)  # warm-up, not timed: first-call costs (allocator, thread pools, plan building) leave every row alike
     dist.barrier()
@@ -180,3 +179,6 @@ def format_report(report: dict) -> str:
 
 def main(args: list[str]) -> int:
     return bench_main(args, GenerateBenchConfig, run_generate_bench, format_report)
+
+
+CONFIG = GenerateBenchConfig

@@ -190,3 +190,6 @@ def format_report(report: dict) -> str:
 
 def main(args: list[str]) -> int:
     return bench_main(args, OpsBenchConfig, run_ops_bench, format_report)
+
+
+CONFIG = OpsBenchConfig

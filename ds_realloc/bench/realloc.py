@@ -267,3 +267,6 @@ def format_report(report: dict) -> str:
 
 def main(args: list[str]) -> int:
     return bench_main(args, ReallocBenchConfig, run_realloc_bench, format_report)
+
+
+CONFIG = ReallocBenchConfig

@@ -64,19 +64,19 @@ def _command_overrides(cfg: RLHFBenchConfig, out: Path, row: str) -> list[str]:
 
 
 def _train_mfcs(cfg: RLHFBenchConfig) -> list[str]:
-    from ds_realloc.dataflow.experiments import all_experiments
+    from ds_realloc.dataflow.catalog import find_experiment
     from ds_realloc.dataflow.mfc import MFCKind
 
-    experiment = all_experiments()[cfg.command]
+    experiment = find_experiment(cfg.command)
     return [m.name for m in experiment.mfcs(experiment.config_cls()) if m.kind is MFCKind.TRAIN]
 
 
 def _bench_rank(rank: int, world: int, command: str, overrides: list[str]) -> dict | None:
-    from ds_realloc.dataflow.experiments import all_experiments
+    from ds_realloc.dataflow.catalog import find_experiment
     from ds_realloc.dataflow.runner import run_experiment
     from ds_realloc.utils.config import load_config
 
-    experiment = all_experiments()[command]
+    experiment = find_experiment(command)
     run_experiment(experiment, load_config(experiment.config_cls, None, overrides))
     return None
 
@@ -134,3 +134,6 @@ def format_report(report: dict) -> str:
 
 def main(args: list[str]) -> int:
     return bench_main(args, RLHFBenchConfig, run_rlhf_bench, format_report)
+
+
+CONFIG = RLHFBenchConfig

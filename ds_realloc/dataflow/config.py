@@ -82,6 +82,18 @@ class LaunchConfig:
 
 
 @dataclass
+class RefConfig:
+    path: str = option("", "the reference model; '' = the same weights as model.path")
+    offload: bool = option(True, "keep the reference model's weights on CPU while it is not computing")
+    ema: float = option(0.0, "after every step, ref = ema x actor + (1 - ema) x ref, moved from the actor's "
+                             "partitions by reallocation (0 = a fixed reference)")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ema <= 1.0:
+            raise invalid("ema", f"must be in [0, 1], got {self.ema}")
+
+
+@dataclass
 class RunConfig:
     """Fields shared by every training command."""
 

@@ -18,7 +18,7 @@ from ds_realloc.engine.ds_config import auto_dtype
 from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.layout.model import model_spec
-from ds_realloc.models.generate import GenerationConfig, completion_ids, generate
+from ds_realloc.models.generate import GenerationConfig, completion_ids, generate, sampling_of
 from ds_realloc.models.inference import inference_model
 from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
 from ds_realloc.models.registry import family_of
@@ -93,7 +93,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     eos = sorted({tokenizer.eos_token_id, *([config.eos_token_id] if isinstance(config.eos_token_id, int)
                                             else config.eos_token_id or [])})
     mine = list(range(dp, len(samples), layout.strategy.dp))
-    sampling = GenerationConfig(**{name: getattr(cfg, name) for name in GenerationConfig.__dataclass_fields__})
+    sampling = sampling_of(cfg)
     sampling.seed = cfg.seed + dp
     results, generated, start = [], 0, time.perf_counter()
     for first in range(0, len(mine), cfg.batch_size):

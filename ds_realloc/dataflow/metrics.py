@@ -15,6 +15,10 @@ import torch.distributed as dist
 
 from ds_realloc.algorithms.interface import MAX, Metrics
 from ds_realloc.utils.dist import comm_device
+from ds_realloc.utils.logging import get_logger
+from ds_realloc.utils.memory import memory_stats
+
+logger = get_logger(__name__)
 
 
 def _union(names: dict[str, bool], group=None) -> dict[str, bool]:
@@ -92,3 +96,59 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+class StepMetrics:
+    """A step's values from what its MFCs reported: reduced over ranks, plus every engine's learning
+    rate and gradient norm, tokens per second per role, memory, and the slowest rank's timings; the
+    time of every MFC is kept for the summary's means."""
+
+    def __init__(self):
+        self.mfc_seconds: dict[str, list[float]] = {}
+
+    def values(self, metrics: Metrics, timings: dict[str, float], step_s: float, engines: dict) -> dict[str, float]:
+        """`engines`: role name -> the role's training engine on this rank."""
+        values = reduce_metrics(metrics)
+        extra = {**timings, **memory_stats(), "time/step_s": step_s}
+        for role, engine in engines.items():
+            extra[f"{role}/lr"] = float(engine.get_lr()[0])
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                extra[f"{role}/grad_norm"] = float(grad_norm)
+        values.update(reduce_max(extra))
+        for name in [n for n in values if n.endswith("/tokens")]:
+            values[f"{name}_per_s"] = values.pop(name) / values["time/step_s"]
+        for name, seconds in values.items():
+            if name.startswith("time/") and name != "time/step_s":
+                self.mfc_seconds.setdefault(name.removeprefix("time/").removesuffix("_s"), []).append(seconds)
+        return values
+
+    def mean_seconds(self) -> dict[str, float]:
+        return {name: sum(t) / len(t) for name, t in self.mfc_seconds.items()}
+
+
+class StepTable:
+    """One line per step on rank 0: the experiment's headline metrics and the time of every MFC."""
+
+    def __init__(self, columns: tuple[tuple[str, str], ...], enabled: bool):
+        self.columns, self.enabled, self.header_done = columns, enabled, False
+
+    def row(self, step: int, total: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        times = sorted(k for k in values if k.startswith("time/") and k != "time/step_s")
+        if not self.header_done:
+            names = ["step", *(label for label, _ in self.columns), *(t[5:-2] + "_s" for t in times), "step_s"]
+            logger.info(" | ".join(f"{n:>12}" for n in names))
+            self.header_done = True
+        cells = [f"{step}/{total}", *(_cell(values.get(key)) for _, key in self.columns),
+                 *(_cell(values[t]) for t in times), _cell(values["time/step_s"])]
+        logger.info(" | ".join(f"{c:>12}" for c in cells))
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def format_values(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))

@@ -15,17 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_realloc.algorithms.geometry import StepGeometry
 from ds_realloc.algorithms.policy import (CriticTrainInterface, CriticValuesInterface, PolicyConfig,
                                          PolicyLogprobsInterface, PolicyTrainInterface, RaftTrainInterface,
                                          TargetsInterface)
 from ds_realloc.algorithms.rollout import (GenerateInterface, LogprobsInterface, RewardFunctionInterface,
                                            RewardModelInterface, ValuesInterface)
 from ds_realloc.data.rewards import load_reward_function
-from ds_realloc.dataflow.config import RunConfig, TrainConfig
-from ds_realloc.dataflow.experiments import Experiment, InterfaceContext, RefConfig, RoleSpec
+from ds_realloc.dataflow.config import RefConfig, RunConfig, TrainConfig
+from ds_realloc.dataflow.experiment import Experiment, InterfaceContext, RoleSpec, RunSettings, register
 from ds_realloc.dataflow.mfc import MFC, MFCKind
 from ds_realloc.engine.config import OptimConfig
-from ds_realloc.models.generate import GenerationConfig, policy_temperature
+from ds_realloc.models.generate import GenerationConfig, policy_temperature, sampling_of
 from ds_realloc.utils.config import invalid, option
 
 G, I, T = MFCKind.GENERATE, MFCKind.INFERENCE, MFCKind.TRAIN
@@ -111,8 +112,17 @@ def _uses_reference(cfg: RLConfig) -> bool:
 
 
 def _generation(cfg: RLConfig, greedy: bool = False) -> GenerationConfig:
-    fields = {name: getattr(cfg.rollout, name) for name in GenerationConfig.__dataclass_fields__}
-    return GenerationConfig(**{**fields, "greedy": greedy or cfg.rollout.greedy})
+    return sampling_of(cfg.rollout, greedy=greedy or cfg.rollout.greedy)
+
+
+def _geometry(cfg: RLConfig) -> StepGeometry:
+    return StepGeometry(cfg.train.batch_size, cfg.train.micro_batch_size, cfg.rollout.samples_per_prompt,
+                        cfg.algo.minibatches, cfg.algo.epochs)
+
+
+def _settings(cfg: RLConfig) -> RunSettings:
+    return RunSettings(_geometry(cfg), reference_ema=cfg.ref.ema, offload_train_states=cfg.rollout.offload_train_states,
+                       eval_prompts=cfg.rollout.eval_prompts, eval_max_new_tokens=cfg.rollout.eval_max_new_tokens)
 
 
 def _temperature(cfg: RLConfig) -> float:
@@ -159,10 +169,11 @@ def _policy_mfcs(cfg: RLConfig, critic: bool = False, extra_scores: tuple[str, .
 
 
 def _policy_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
-    algo, micro, temperature = cfg.algo, cfg.train.micro_batch_size, _temperature(cfg)
+    algo, geometry, temperature = cfg.algo, _geometry(cfg), _temperature(cfg)
+    micro = geometry.micro_batch_size
     return {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id),
             "rew_inf": _reward(cfg, ctx), "ref_inf": LogprobsInterface(ctx.pad_id, temperature),
-            "actor_logp": PolicyLogprobsInterface(ctx.pad_id, micro, algo.minibatches, temperature),
+            "actor_logp": PolicyLogprobsInterface(ctx.pad_id, micro, geometry.minibatches, temperature),
             "rl_targets": TargetsInterface(algo, cfg.rollout.samples_per_prompt, ctx.groups.get("rl_targets")),
             "actor_train": PolicyTrainInterface(algo, micro, ctx.pad_id, temperature, cfg.rollout.max_new_tokens,
                                                 ctx.groups.get("actor_train"))}
@@ -181,9 +192,10 @@ def _ppo_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
 
 
 def _ppo_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
-    micro = cfg.train.micro_batch_size
+    geometry = _geometry(cfg)
+    micro = geometry.micro_batch_size
     return {**_policy_interfaces(cfg, ctx), "critic_inf": ValuesInterface(ctx.pad_id),
-            "critic_values": CriticValuesInterface(ctx.pad_id, micro, cfg.algo.minibatches),
+            "critic_values": CriticValuesInterface(ctx.pad_id, micro, geometry.minibatches),
             "critic_train": CriticTrainInterface(cfg.algo, micro, ctx.pad_id, cfg.rollout.max_new_tokens)}
 
 
@@ -193,12 +205,10 @@ _TABLE = (("reward", "actor/reward"), ("kl", "actor/kl"), ("length", "actor/resp
 
 def _rl_experiment(command: str, summary: str, config_cls: type, mfcs, interfaces, critic: bool,
                    table=_TABLE, group_rows: bool = False) -> Experiment:
-    return Experiment(
+    return register(Experiment(
         command=command, summary=summary, config_cls=config_cls, data_format="prompts", sample_key="prompt",
         mfcs=mfcs, roles=lambda cfg: _roles(cfg, critic, _uses_reference(cfg)), interfaces=interfaces,
-        samples_per_prompt=lambda cfg: cfg.rollout.samples_per_prompt,
-        optimizer_steps_per_step=lambda cfg: cfg.algo.epochs * cfg.algo.minibatches,
-        evaluation="generation", table=table, group_train_rows=group_rows)
+        settings=_settings, evaluation="generation", table=table, group_train_rows=group_rows))
 
 
 PPO = _rl_experiment("ppo", "PPO with a critic (GAE), KL penalty to the reference; the main job",

@@ -15,8 +15,10 @@ from typing import Any
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from ds_realloc.algorithms.geometry import StepGeometry
 from ds_realloc.dataflow.allocation import Allocation
-from ds_realloc.dataflow.experiments import RoleSpec
+from ds_realloc.dataflow.config import RunConfig
+from ds_realloc.dataflow.experiment import RoleSpec
 from ds_realloc.dataflow.mfc import MFC, MFCKind
 from ds_realloc.engine.ds_config import BatchGeometry, frozen_ds_config, lr_schedule, torch_dtype, train_ds_config, zero_stage
 from ds_realloc.engine.factory import build_frozen_model, build_train_engine
@@ -62,7 +64,7 @@ def _role_mesh(spec: RoleSpec, mfcs: list[MFC], allocations: dict[str, Allocatio
 
 
 def build_roles(specs: list[RoleSpec], paths: dict[str, Path], mfcs: list[MFC], allocations: dict[str, Allocation],
-                cfg: Any, rows: int, total_optimizer_steps: int, pad_id: int) -> dict[str, Role]:
+                cfg: RunConfig, geometry: StepGeometry, total_optimizer_steps: int, pad_id: int) -> dict[str, Role]:
     """Engines on the ranks of each role's mesh, hybrid engines everywhere. Trained roles first, in
     the given order, so every rank builds its engines in the same order."""
     rank = dist.get_rank()
@@ -70,16 +72,13 @@ def build_roles(specs: list[RoleSpec], paths: dict[str, Path], mfcs: list[MFC], 
     reference_config = None
     for spec in sorted(specs, key=lambda s: not s.trainable):
         mesh = _role_mesh(spec, mfcs, allocations)
-        minibatches = getattr(getattr(cfg, "algo", None), "minibatches", 1)
-        per_rank = rows // mesh.size // minibatches
-        micro = min(cfg.train.micro_batch_size, per_rank)
-        geometry = BatchGeometry(micro, max(per_rank // micro, 1), mesh.size)
+        batch = BatchGeometry(geometry.micro_batch(mesh.size), geometry.accumulation(mesh.size), mesh.size)
         if spec.trainable:
-            ds_config = train_ds_config(cfg.engine, spec.optim or cfg.optim, geometry, total_optimizer_steps)
+            ds_config = train_ds_config(cfg.engine, spec.optim or cfg.optim, batch, total_optimizer_steps)
             reference_config = reference_config or ds_config
         else:
-            ds_config = frozen_ds_config(reference_config or train_ds_config(cfg.engine, cfg.optim, geometry, 1),
-                                         spec.offload, geometry)
+            ds_config = frozen_ds_config(reference_config or train_ds_config(cfg.engine, cfg.optim, batch, 1),
+                                         spec.offload, batch)
         hf_config = AutoConfig.from_pretrained(paths[spec.role])
         family_of(hf_config, where=str(paths[spec.role] / "config.json"))
         role = Role(spec, paths[spec.role], hf_config, mesh, ds_config)

@@ -1,11 +1,13 @@
 """The hybrid engine: a ZeRO-3 model trains as usual and runs inference on tensor-parallel layouts.
 
-`generate`, `logprobs` and `values` reallocate the live ZeRO-3 partitions (read in place, also
-when offloaded) into the requested data x tensor parallel layout on any ranks - the same ranks,
-a subset, or others - run there, and free the copy, or keep it while the weights are unchanged:
-`version` names the weights (e.g. how many training steps the model has had) and must be the same
-on every participating rank, since ranks that only receive cannot see the optimizer.
-Training is untouched DeepSpeed.
+`with hybrid.placed(layout, version) as placement:` reallocates the live ZeRO-3 partitions (read in
+place, also when offloaded) into a data x tensor parallel layout on any ranks - the same ranks, a
+subset, or others - and yields a `Placement` on every rank that takes part (sender, receiver or
+both): this rank's inference model (None off the layout) and what the move cost. On exit the copy
+is freed, or kept while the weights are unchanged: `version` names the weights (e.g. how many
+training steps the model has had) and must be the same on every participating rank, since ranks
+that only receive cannot see the optimizer. `generate`, `logprobs` and `values` are one call each
+inside a placement. Training is untouched DeepSpeed.
 
 Every rank of the source mesh and of the destination layout calls the same method (SPMD); ranks
 outside the destination get None. A data-parallel destination splits the work by the caller:
@@ -14,7 +16,10 @@ each tensor-parallel group passes its own prompts (the same on all of its ranks)
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,15 @@ def replica_sources(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.data.view(-1) for name, param in model.named_parameters()}
 
 
+@dataclass
+class Placement:
+    """The weights of a model placed into a layout, as one rank sees it."""
+
+    model: InferenceModel | None  # this rank's shard of the layout; None on ranks outside it
+    stats: ReallocStats  # what this rank moved (nothing when a kept copy was current)
+    seconds: float  # wall time of the move on this rank
+
+
 class HybridEngine:
     def __init__(self, module: nn.Module | None, hf_config, value_head: bool, src_mesh: DeviceMesh,
                  dtype: torch.dtype, zero3: bool = True):
@@ -53,7 +67,6 @@ class HybridEngine:
         self._plans: dict[object, ReallocPlan] = {}  # by destination layout (or a blend target)
         self._kept: KeptWeights | None = None
         self._checked = False
-        self.last_stats = ReallocStats()
 
     @classmethod
     def of_engine(cls, engine, hf_config, value_head: bool) -> "HybridEngine":
@@ -75,16 +88,16 @@ class HybridEngine:
             self._plans[layout] = ReallocPlan.build(self.model, self.src, layout)
         return self._plans[layout]
 
-    def _weights(self, layout: Layout, version: object | None) -> tuple[Layout, dict[str, torch.Tensor]]:
+    def _weights(self, layout: Layout, version: object | None,
+                 stats: ReallocStats) -> tuple[Layout, dict[str, torch.Tensor]]:
         plan = self.plan(layout)
-        self.last_stats = ReallocStats()
         if self._kept is not None and self._kept.current(plan.dst, version):
             return plan.dst, self._kept.buffers
         rank = dist.get_rank()
         if self.module is not None and self.zero3 and not self._checked:
             check_zero3_layout(self.module, self.src, rank)
             self._checked = True
-        buffers = reallocate(plan, self.sources(), self.dtype, self.device, stats=self.last_stats)
+        buffers = reallocate(plan, self.sources(), self.dtype, self.device, stats=stats)
         self._kept = KeptWeights(plan.dst, version, buffers) if version is not None else None
         return plan.dst, buffers
 
@@ -95,10 +108,21 @@ class HybridEngine:
             return {}
         return zero3_sources(self.module) if self.zero3 else replica_sources(self.module)
 
-    def model_on(self, layout: Layout, version: object | None = None) -> InferenceModel | None:
-        """The inference model of this rank's shard of `layout` (None off the layout). With a
-        `version`, the copy is kept and reused by later calls with the same layout and version."""
-        placed, buffers = self._weights(layout, version)
+    @contextlib.contextmanager
+    def placed(self, layout: Layout, version: object | None = None) -> Iterator[Placement]:
+        """This model's weights in `layout` for the `with` block. Every rank of the source mesh and of
+        the layout enters it; with a `version`, the copy outlives the block and later placements of the
+        same layout and version reuse it, else it is freed on exit."""
+        start, stats = time.perf_counter(), ReallocStats()
+        placed, buffers = self._weights(layout, version, stats)
+        placement = Placement(self._model(placed, buffers), stats, time.perf_counter() - start)
+        del buffers
+        try:
+            yield placement
+        finally:
+            placement.model = None  # the block's reference to the copy (a kept copy stays in self._kept)
+
+    def _model(self, placed: Layout, buffers: dict[str, torch.Tensor]) -> InferenceModel | None:
         rank = dist.get_rank()
         if rank not in placed.ranks:
             return None
@@ -131,17 +155,18 @@ class HybridEngine:
 
     def generate(self, layout: Layout, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  eos_token_ids: Sequence[int], pad_token_id: int, version: object | None = None) -> Generation | None:
-        model = self.model_on(layout, version)
-        return None if model is None else InferenceCall(model).generate(prompts, cfg, eos_token_ids, pad_token_id)
+        with self.placed(layout, version) as placement:
+            return None if placement.model is None else InferenceCall(placement.model).generate(
+                prompts, cfg, eos_token_ids, pad_token_id)
 
     def logprobs(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  version: object | None = None) -> torch.Tensor | None:
         """Token log-probs [B, T-1] of a batch (reference / actor inference)."""
-        model = self.model_on(layout, version)
-        return None if model is None else InferenceCall(model).logprobs(input_ids, attention_mask)
+        with self.placed(layout, version) as placement:
+            return None if placement.model is None else InferenceCall(placement.model).logprobs(input_ids, attention_mask)
 
     def values(self, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                version: object | None = None) -> torch.Tensor | None:
         """Per-token values [B, T] of a critic / reward model."""
-        model = self.model_on(layout, version)
-        return None if model is None else InferenceCall(model).values(input_ids, attention_mask)
+        with self.placed(layout, version) as placement:
+            return None if placement.model is None else InferenceCall(placement.model).values(input_ids, attention_mask)

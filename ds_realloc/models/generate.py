@@ -10,7 +10,7 @@ reproduces a generation exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -41,6 +41,11 @@ class GenerationConfig:
             raise invalid("top_p", "must be within (0, 1]")
         if self.top_k < 0:
             raise invalid("top_k", "must be >= 0")
+
+
+def sampling_of(cfg: GenerationConfig, **changes) -> GenerationConfig:
+    """The plain GenerationConfig of a config group that extends it (e.g. `rollout`), with `changes`."""
+    return GenerationConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(GenerationConfig)}, **changes})
 
 
 def policy_temperature(cfg: GenerationConfig) -> float:

@@ -79,7 +79,7 @@ def test_bad_rl_settings_fail_before_any_process_starts(tmp_path):
 ])
 def test_bad_policy_settings_name_the_field(overrides, message):
     from ds_realloc.dataflow.rlhf import PPO, PPOConfig
-    from ds_realloc.dataflow.runner import plan_run
+    from ds_realloc.dataflow.setup import plan_run
     from ds_realloc.utils.config import load_config
     from ds_realloc.utils.errors import ConfigError
 

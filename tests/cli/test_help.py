@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from ds_realloc.cli import _training_commands, main
+from ds_realloc.cli import distributed_commands, main
 from ds_realloc.utils.config import load_config, to_dict
 
-COMMANDS = _training_commands()
+COMMANDS = distributed_commands()
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:

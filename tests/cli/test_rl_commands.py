@@ -49,9 +49,9 @@ OTHERS = ("rloo", "remax", "raft")
 
 
 def _other_algorithms(rank: int, world: int, out: str) -> None:
-    from ds_realloc.cli import _training_commands, parse_run_args
+    from ds_realloc.cli import distributed_commands, parse_run_args
 
-    commands = _training_commands()
+    commands = distributed_commands()
     for command in OTHERS:  # what `ds-realloc <command>` runs on each rank, both ranks in these two processes
         args = [*TINY_RL, "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=2",
                 "reward.function=tests.cli.test_rl_commands:lowercase_share", f"output.dir={out}/{command}"]

@@ -6,7 +6,7 @@ import pytest
 from transformers import LlamaConfig
 
 from ds_realloc.dataflow.allocation import AllocationConfig, resolve_allocations
-from ds_realloc.dataflow.experiments import all_experiments
+from ds_realloc.dataflow.catalog import builtin_experiments
 from ds_realloc.dataflow.mfc import topological_order
 from ds_realloc.layout.model import model_spec
 from ds_realloc.utils.errors import ConfigError
@@ -20,7 +20,7 @@ MODELS = {"actor": model_spec(CONFIG), "ref": model_spec(CONFIG), "critic": mode
 def _ppo(old_logprobs="recompute"):
     from ds_realloc.utils.config import load_config
 
-    experiment = all_experiments()["ppo"]
+    experiment = builtin_experiments()["ppo"]
     return topological_order(experiment.mfcs(load_config(experiment.config_cls, None,
                                                          [f"algo.old_logprobs={old_logprobs}"])))
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ds_realloc.dataflow.experiments import all_experiments
+from ds_realloc.dataflow.catalog import builtin_experiments
 from ds_realloc.dataflow.mfc import MFC, MFCKind, dataset_keys, topological_order
 from ds_realloc.utils.errors import ConfigError
 
@@ -24,7 +24,7 @@ def test_graph_errors_name_the_mfcs():
 
 
 def test_builtin_experiments_are_valid_graphs():
-    for experiment in all_experiments().values():
+    for experiment in builtin_experiments().values():
         order = topological_order(experiment.mfcs(experiment.config_cls()))
         assert dataset_keys(order) == {experiment.sample_key}
         assert order[-1].kind is MFCKind.TRAIN

@@ -45,8 +45,8 @@ def _ppo_recording_generation_weights(rank: int, world: int, out: str, reward: s
     original = HybridEngine._weights
     calls = {"n": 0}
 
-    def recording(self, layout, version):
-        placed, buffers = original(self, layout, version)
+    def recording(self, layout, version, stats):
+        placed, buffers = original(self, layout, version, stats)
         if self.src.mesh.ranks == (0, 1) and layout.strategy == Strategy(dp=2, tp=2):  # the actor, generating
             call = calls["n"]
             calls["n"] += 1

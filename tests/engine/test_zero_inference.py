@@ -24,17 +24,18 @@ def _both_ways(rank, world):
     frozen = build_frozen_model(path, "lm", frozen_ds_config(train, offload=False), offload=False)
     mesh = DeviceMesh(tuple(range(world)))
     hybrid = HybridEngine(frozen.module, AutoConfig.from_pretrained(path), False, mesh, torch.float32)
-    ours = InferenceCall(hybrid.model_on(hybrid.layout(mesh, Strategy(dp=world))))
     theirs = ZeroInferenceCall(frozen.module, frozen._engine)
     prompts = [[5, 17, 99, 3], [9, 8, 7, 6, 5, 4]]
     greedy = GenerationConfig(max_new_tokens=6, greedy=True)
-    a, b = ours.generate(prompts, greedy, [2], 258), theirs.generate(prompts, greedy, [2], 258)
-    again = theirs.generate(prompts, greedy, [2], 258)  # the ZeRO-3 hooks came back: it works twice
-    assert torch.equal(again.tokens, b.tokens)
     ids = torch.tensor([[258, 258, 5, 17, 99, 3, 11, 12], [9, 8, 7, 6, 5, 4, 13, 14]])
     mask = (ids != 258).long()
-    return (a.tokens, b.tokens, a.logprobs, b.logprobs, ours.logprobs(ids, mask, 2, 0.7),
-            theirs.logprobs(ids, mask, 2, 0.7))
+    with hybrid.placed(hybrid.layout(mesh, Strategy(dp=world))) as placement:
+        ours = InferenceCall(placement.model)
+        a, ours_lp = ours.generate(prompts, greedy, [2], 258), ours.logprobs(ids, mask, 2, 0.7)
+    b = theirs.generate(prompts, greedy, [2], 258)
+    again = theirs.generate(prompts, greedy, [2], 258)  # the ZeRO-3 hooks came back: it works twice
+    assert torch.equal(again.tokens, b.tokens)
+    return a.tokens, b.tokens, a.logprobs, b.logprobs, ours_lp, theirs.logprobs(ids, mask, 2, 0.7)
 
 
 def test_zero3_mechanism_matches_reallocated_inference():

@@ -285,7 +285,8 @@ def _kept_and_moved(rank, world):
         kept = hybrid.logprobs(layout, IDS, MASK, version=0)
         assert hybrid._kept is not None
         reused = hybrid.logprobs(layout, IDS, MASK, version=0)  # no reallocation: same buffers
-        assert hybrid.last_stats.received_elements == 0
+        with hybrid.placed(layout, version=0) as placement:
+            assert placement.stats.received_elements == 0 and placement.stats.sent_elements == 0
         if kept is not None:
             assert torch.equal(kept, reused)
         hybrid.release()
