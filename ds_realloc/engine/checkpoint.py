@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_realloc.engine.factory import scoped_to
+from ds_realloc.engine.deepspeed_compat import scoped_to
 from ds_realloc.models.hf_io import ShardedWriter, write_hf_metadata
 from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import comm_device

@@ -6,14 +6,18 @@ of the *world* recorded the same module and parameter order (`assert_ints_same_a
 two broadcasts from global rank 0). An engine on a sub-mesh (the actor on ranks 0-1 while the
 critic trains on 2-3) then pairs its broadcasts with another engine's ranks and fails or hangs.
 The ranks of one engine run the same code here (SPMD), so the check is reduced to a local one.
-Barriers and the global `groups.mpu` are scoped per engine by `engine.factory.scoped_to`.
-`patch_deepspeed()` applies the patch once; `engine.factory` calls it before building an engine.
+Barriers and the global `groups.mpu` are scoped per engine by `scoped_to`, for the duration of a
+build or a checkpoint. This module is the one place ds_realloc changes DeepSpeed, and importing it
+changes nothing: `patch_deepspeed()` applies the patch once, called by `engine.factory` before it
+builds an engine; `scoped_to` swaps and restores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import SimpleNamespace
+from typing import Iterator
 
 from ds_realloc.utils.errors import UserError
 from ds_realloc.utils.logging import get_logger
@@ -87,3 +91,24 @@ def patch_deepspeed() -> None:
 
     partitioned_param_coordinator.assert_ints_same_as_other_ranks = _same_on_this_rank
     _PATCHED = True
+
+
+@contextlib.contextmanager
+def scoped_to(mpu) -> Iterator[None]:
+    """Run DeepSpeed code that assumes it owns the world on the engine's group instead: ZeRO-3
+    construction and checkpointing call group-less barriers, and DeepSpeed reads a process-global
+    `groups.mpu` that the last engine built overwrote. Engines on disjoint meshes then never wait
+    for each other's ranks."""
+    from deepspeed import comm
+    from deepspeed.utils import groups
+
+    barrier, previous = comm.barrier, groups.mpu
+
+    def group_barrier(group=None, **kwargs):
+        return barrier(group=group if group is not None else mpu.get_data_parallel_group(), **kwargs)
+
+    comm.barrier, groups.mpu = group_barrier, mpu
+    try:
+        yield
+    finally:
+        comm.barrier, groups.mpu = barrier, previous

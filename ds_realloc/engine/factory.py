@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import deepspeed
 import torch.distributed as dist
 from torch import nn
 
-from ds_realloc.engine.deepspeed_compat import patch_deepspeed
+from ds_realloc.engine.deepspeed_compat import patch_deepspeed, scoped_to
 from ds_realloc.engine.ds_config import torch_dtype, zero_stage
 from ds_realloc.engine.loading import instantiate
 from ds_realloc.models.registry import Head
@@ -35,27 +34,6 @@ def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule
                                           model_parameters=[p for p in module.parameters() if p.requires_grad],
                                           lr_scheduler=None if "scheduler" in ds_config else lr_schedule)
     return engine
-
-
-@contextlib.contextmanager
-def scoped_to(mpu: DataParallelMPU) -> Iterator[None]:
-    """Run DeepSpeed code that assumes it owns the world on the engine's group instead: ZeRO-3
-    construction and checkpointing call group-less barriers, and DeepSpeed reads a process-global
-    `groups.mpu` that the last engine built overwrote. Engines on disjoint meshes then never wait
-    for each other's ranks."""
-    from deepspeed import comm
-    from deepspeed.utils import groups
-
-    barrier, previous = comm.barrier, groups.mpu
-
-    def group_barrier(group=None, **kwargs):
-        return barrier(group=group if group is not None else mpu.get_data_parallel_group(), **kwargs)
-
-    comm.barrier, groups.mpu = group_barrier, mpu
-    try:
-        yield
-    finally:
-        comm.barrier, groups.mpu = barrier, previous
 
 
 class FrozenModel:

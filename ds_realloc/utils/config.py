@@ -8,6 +8,7 @@ constraints between its own fields; the loader adds the path and the source loca
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -21,11 +22,10 @@ from ds_realloc.utils.errors import ConfigError
 
 
 def option(default: Any, help: str) -> Any:
-    """A config field with a default and a one-line help text (shown by `--help`)."""
+    """A config field with a default and a one-line help text (shown by `--help`). A mutable default
+    (a group of fields, a list, a dict) is deep-copied for every instance, nested groups included."""
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
-        factory = (lambda d=default: dataclasses.replace(d)) if dataclasses.is_dataclass(default) else (
-            lambda d=default: type(d)(d))
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -115,7 +115,7 @@ class _Mismatch(Exception):
 def _convert(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", sources)
+        return _build(tp(), value, key + ".", sources)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
@@ -194,18 +194,11 @@ def _where(key: str, sources: dict[str, str]) -> str:
     return ""
 
 
-def _group_default(base: Any, f: dataclasses.Field) -> Any:
-    if base is not None:
-        return getattr(base, f.name)
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-
-
-def _build(cls: type, data: Any, prefix: str, sources: dict[str, str], base: Any = None) -> Any:
-    """A `cls` from `data`; fields `data` does not set come from `base` (the enclosing config's
-    default for this group, e.g. GRPO's own `algo` defaults) or else from `cls`'s defaults."""
-    group = prefix.rstrip(".")
+def _build(base: Any, data: Any, prefix: str, sources: dict[str, str]) -> Any:
+    """The config group `base` with the fields `data` sets replaced. `base` is the group's default
+    in its enclosing config (GRPO's own `algo` defaults, not PolicyConfig's), so a partial YAML or
+    override changes only the fields it names."""
+    cls, group = type(base), prefix.rstrip(".")
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(group, sources)}'{group}' must be a group of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -220,13 +213,13 @@ def _build(cls: type, data: Any, prefix: str, sources: dict[str, str], base: Any
             raise ConfigError(f"{_where(key, sources)}unknown field '{key}'{hint}; {fields_of} has: {', '.join(known)}")
         try:
             if dataclasses.is_dataclass(hints[name]):
-                kwargs[name] = _build(hints[name], value, key + ".", sources, _group_default(base, known[name]))
+                kwargs[name] = _build(getattr(base, name), value, key + ".", sources)
             else:
                 kwargs[name] = _convert(value, hints[name], key, sources)
         except _Mismatch:
             raise ConfigError(
                 f"{_where(key, sources)}{key}: expected {_type_name(hints[name])}, got {value!r}") from None
-    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    obj = dataclasses.replace(base, **kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:
@@ -255,7 +248,7 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: typin
         source = f"command-line override '{override}'"
         _set_dotted(data, key, value, source)
         sources[key] = source
-    return _build(cls, data, "", sources)
+    return _build(cls(), data, "", sources)
 
 
 def describe(config: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
