@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from ds_realloc.utils.errors import UserError
 
 USAGE = """usage: ds-realloc <command> [CONFIG.yaml] [key=value | --key value ...] [--resume] [--deepspeed_config FILE]
+                  [--dry-run]   (check the command line for launch.nprocs ranks, model.path=llama-7b etc. allowed)
 
 commands (each runs with no arguments on the embedded default model and task):
 {commands}
@@ -39,15 +40,18 @@ class DistributedCommand:
 
     summary: str
     config_cls: type
-    prepare: Callable[[object, int], None]  # (config, number of processes): fail fast, build presets once
+    # (config, processes, dry run) -> what the job will do, in a line: fail fast, build presets once
+    prepare: Callable[[object, int, bool], str]
     run: Callable[[object], object]
 
 
 def _experiment_command(experiment) -> DistributedCommand:
-    def prepare(cfg, nprocs: int) -> None:
-        from ds_realloc.dataflow.setup import plan_run
+    def prepare(cfg, nprocs: int, dry_run: bool = False) -> str:
+        from ds_realloc.dataflow.setup import placement_label, plan_run
 
-        plan_run(experiment, cfg, nprocs)
+        plan = plan_run(experiment, cfg, nprocs, weights_free=dry_run)
+        return (f"{plan.settings.geometry.rows} rows per step on {nprocs} ranks; " +
+                "; ".join(f"{name} {placement_label(a, cfg.engine.zero_stage)}" for name, a in plan.allocations.items()))
 
     def run(cfg):
         from ds_realloc.dataflow.runner import run_experiment
@@ -60,13 +64,17 @@ def _experiment_command(experiment) -> DistributedCommand:
 def _generate_command() -> DistributedCommand:
     from ds_realloc.dataflow import generation
 
-    def prepare(cfg, nprocs: int) -> None:
+    def prepare(cfg, nprocs: int, dry_run: bool = False) -> str:
         from transformers import AutoConfig
 
+        from ds_realloc.layout.model import NAMED_CONFIGS
         from ds_realloc.models.presets import resolve_model_path
 
-        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
-        generation.generation_layout(cfg.tp, nprocs, config)
+        named = dry_run and cfg.model in NAMED_CONFIGS
+        config = NAMED_CONFIGS[cfg.model] if named else AutoConfig.from_pretrained(
+            resolve_model_path(cfg.model, field="model"))
+        layout = generation.generation_layout(cfg.tp, nprocs, config)
+        return f"generation on {layout.strategy} over {nprocs} ranks"
 
     return DistributedCommand("generate completions on a d x t layout (each rank reads only its shard)",
                               generation.GenerateConfig, prepare, generation.run_generate)
@@ -144,11 +152,17 @@ def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]
               f"usage: ds-realloc {name} [CONFIG.yaml] [key=value | --key value ...]\n\n"
               f"config fields:\n{format_help(command.config_cls)}")
         return 0
+    dry_run = "--dry-run" in args
+    args = [a for a in args if a != "--dry-run"]
     cfg = parse_run_args(command.config_cls, args)
+    launch = getattr(cfg, "launch", cfg)
+    if dry_run:  # everything the launching process checks, for the world the command line is written for
+        world = launch.nprocs or int(os.environ.get("WORLD_SIZE", 0)) or launch.resolved_nprocs()
+        print(f"ds-realloc {name}: dry run ok: {command.prepare(cfg, world, True)}")
+        return 0
     if under_launcher():
         command.run(cfg)
         return 0
-    launch = getattr(cfg, "launch", cfg)
     nprocs = launch.resolved_nprocs()
     start = os.environ.get(COMMAND_START_VAR)
     os.environ[COMMAND_START_VAR] = repr(command_start_time())  # the ranks' summary.json wall_s counts from here

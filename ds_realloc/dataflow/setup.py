@@ -19,7 +19,7 @@ from ds_realloc.dataflow.config import RunConfig
 from ds_realloc.dataflow.experiment import Experiment, InterfaceContext, RunSettings
 from ds_realloc.dataflow.mfc import MFCKind, topological_order
 from ds_realloc.dataflow.roles import Role, build_roles
-from ds_realloc.layout.model import model_spec
+from ds_realloc.layout.model import NAMED_CONFIGS, model_spec
 from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.utils.config import to_dict
 from ds_realloc.utils.dist import group_of, slots_per_host
@@ -33,17 +33,20 @@ _FRESH_RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "tensorboard", "checkpoin
 
 @dataclass(frozen=True)
 class RunPlan:
-    paths: dict[str, Path]  # role -> HF folder
+    paths: dict[str, Path | None]  # role -> HF folder (None: a weights-free named config, dry runs only)
     allocations: dict[str, Allocation]  # MFC name -> allocation, in topological order
     settings: RunSettings
 
 
-def plan_run(experiment: Experiment, cfg: RunConfig, world: int) -> RunPlan:
-    """Each role's model folder, the allocation of every MFC and the step's geometry, validated."""
+def plan_run(experiment: Experiment, cfg: RunConfig, world: int, weights_free: bool = False) -> RunPlan:
+    """Each role's model folder, the allocation of every MFC and the step's geometry, validated. With
+    `weights_free` (a dry run), a model may be a named size (`llama-7b` ...: its config alone)."""
     specs = experiment.roles(cfg)
-    paths = {spec.role: resolve_model_path(spec.path, spec.path_field) for spec in specs}
-    models = {s.role: model_spec(AutoConfig.from_pretrained(paths[s.role]), value_head=s.head == "value")
-              for s in specs}
+    paths = {spec.role: None if weights_free and spec.path in NAMED_CONFIGS else
+             resolve_model_path(spec.path, spec.path_field) for spec in specs}
+    configs = {s.role: NAMED_CONFIGS[s.path] if paths[s.role] is None else AutoConfig.from_pretrained(paths[s.role])
+               for s in specs}
+    models = {s.role: model_spec(configs[s.role], value_head=s.head == "value") for s in specs}
     settings = experiment.settings(cfg)
     geometry = settings.geometry
     allocations = resolve_allocations(topological_order(experiment.mfcs(cfg)), world, cfg.allocation,

@@ -49,6 +49,7 @@ class Placement:
     """The weights of a model placed into a layout, as one rank sees it."""
 
     model: InferenceModel | None  # this rank's shard of the layout; None on ranks outside it
+    group: tuple[int, ...]  # the ranks of this rank's tensor-parallel group, in tensor-parallel order
     stats: ReallocStats  # what this rank moved (nothing when a kept copy was current)
     seconds: float  # wall time of the move on this rank
 
@@ -73,7 +74,9 @@ class HybridEngine:
         """Around a DeepSpeed training engine; weights change with each optimizer step."""
         from ds_realloc.engine.ds_config import torch_dtype, zero_stage
 
-        mesh = DeviceMesh(tuple(engine.mpu.get_data_parallel_group_ranks()))
+        mpu = engine.mpu
+        mesh = DeviceMesh(tuple(mpu.get_data_parallel_group_ranks()) if mpu is not None else
+                          tuple(range(dist.get_world_size())))
         return cls(engine.module, hf_config, value_head, mesh, torch_dtype(engine.config),
                    zero3=zero_stage(engine.config) == 3)
 
@@ -115,22 +118,22 @@ class HybridEngine:
         same layout and version reuse it, else it is freed on exit."""
         start, stats = time.perf_counter(), ReallocStats()
         placed, buffers = self._weights(layout, version, stats)
-        placement = Placement(self._model(placed, buffers), stats, time.perf_counter() - start)
+        placement = Placement(*self._model(placed, buffers), stats, time.perf_counter() - start)
         del buffers
         try:
             yield placement
         finally:
             placement.model = None  # the block's reference to the copy (a kept copy stays in self._kept)
 
-    def _model(self, placed: Layout, buffers: dict[str, torch.Tensor]) -> InferenceModel | None:
+    def _model(self, placed: Layout, buffers: dict[str, torch.Tensor]) -> tuple[InferenceModel | None, tuple[int, ...]]:
         rank = dist.get_rank()
         if rank not in placed.ranks:
-            return None
+            return None, ()
         dp, tp_rank, pp = placed.coords(rank)
         tp_size = placed.strategy.tp
-        group = group_of([placed.ranks[placed.strategy.index(dp, t, pp)] for t in range(tp_size)]) \
-            if tp_size > 1 else None
-        return inference_model(self.config, shaped(placed, rank, buffers), TensorParallel.of(tp_size, tp_rank, group))
+        ranks = tuple(placed.ranks[placed.strategy.index(dp, t, pp)] for t in range(tp_size))
+        tp = TensorParallel.of(tp_size, tp_rank, group_of(list(ranks)) if tp_size > 1 else None)
+        return inference_model(self.config, shaped(placed, rank, buffers), tp), ranks
 
     def blend_into(self, other: "HybridEngine", ema: float) -> ReallocStats:
         """other <- ema * self + (1 - ema) * other, in place in the other model's own partitions (ZeRO-3

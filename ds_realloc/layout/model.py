@@ -136,9 +136,63 @@ def _gpt2_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     return params, layers, True  # GPT-2's LM head is always the token embedding
 
 
-_FAMILIES = {"llama": _llama_params, "mistral": _llama_params, "qwen2": _llama_params, "gpt2": _gpt2_params}
+def _opt_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
+    """OPT (DeepSpeed-Chat's family): learned positions, biases everywhere, pre- or post-norm layers
+    (`do_layer_norm_before`), and, when `word_embed_proj_dim` differs from the hidden size (OPT-350m),
+    replicated projections between the embedding width and the hidden width."""
+    hidden = _get(config, "hidden_size")
+    layers = _get(config, "num_hidden_layers")
+    heads = _get(config, "num_attention_heads")
+    ffn = _get(config, "ffn_dim")
+    vocab, positions = _get(config, "vocab_size"), _get(config, "max_position_embeddings")
+    embed = _get(config, "word_embed_proj_dim", default=hidden)
+    bias = bool(_get(config, "enable_bias", default=True))
+    affine = bool(_get(config, "layer_norm_elementwise_affine", default=True))
+    final_norm = bool(_get(config, "do_layer_norm_before", default=True)) and not bool(
+        _get(config, "_remove_final_layer_norm", default=False))
+    tied = bool(_get(config, "tie_word_embeddings", default=True))
+    head_dim = hidden // heads
+    d = "model.decoder."
+
+    def norm(name: str, unit: int) -> list[ParamInfo]:
+        return [ParamInfo(f"{name}.{leaf}", (hidden,), Replicated(), unit) for leaf in ("weight", "bias")] if affine \
+            else []
+
+    params = [ParamInfo(f"{d}embed_tokens.weight", (vocab, embed), Split(0, uneven=True), 0),
+              ParamInfo(f"{d}embed_positions.weight", (positions + 2, hidden), Replicated(), 0)]
+    if embed != hidden:
+        params.append(ParamInfo(f"{d}project_in.weight", (hidden, embed), Replicated(), 0))
+    for i in range(layers):
+        p, unit = f"{d}layers.{i}.", i + 1
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            params.append(ParamInfo(f"{p}self_attn.{proj}.weight", (hidden, hidden), Split(0, head_dim), unit))
+            if bias:
+                params.append(ParamInfo(f"{p}self_attn.{proj}.bias", (hidden,), Split(0, head_dim), unit))
+        params.append(ParamInfo(f"{p}self_attn.out_proj.weight", (hidden, hidden), Split(1, head_dim), unit))
+        if bias:
+            params.append(ParamInfo(f"{p}self_attn.out_proj.bias", (hidden,), Replicated(), unit))
+        params += norm(f"{p}self_attn_layer_norm", unit)
+        params.append(ParamInfo(f"{p}fc1.weight", (ffn, hidden), Split(0), unit))
+        if bias:
+            params.append(ParamInfo(f"{p}fc1.bias", (ffn,), Split(0), unit))
+        params.append(ParamInfo(f"{p}fc2.weight", (hidden, ffn), Split(1), unit))
+        if bias:
+            params.append(ParamInfo(f"{p}fc2.bias", (hidden,), Replicated(), unit))
+        params += norm(f"{p}final_layer_norm", unit)
+    if final_norm:
+        params += norm(f"{d}final_layer_norm", layers + 1)
+    if embed != hidden:
+        params.append(ParamInfo(f"{d}project_out.weight", (embed, hidden), Replicated(), layers + 1))
+    if not tied:
+        params.append(ParamInfo("lm_head.weight", (vocab, embed), Split(0, uneven=True), layers + 1))
+    return params, layers, tied
+
+
+_FAMILIES = {"llama": _llama_params, "mistral": _llama_params, "qwen2": _llama_params, "gpt2": _gpt2_params,
+             "opt": _opt_params}
 _TIED_HEAD = {"llama": ("lm_head.weight", "model.embed_tokens.weight"),
-              "gpt2": ("lm_head.weight", "transformer.wte.weight")}
+              "gpt2": ("lm_head.weight", "transformer.wte.weight"),
+              "opt": ("lm_head.weight", "model.decoder.embed_tokens.weight")}
 
 
 def model_spec(config: Any, value_head: bool = False) -> ModelSpec:
@@ -153,7 +207,7 @@ def model_spec(config: Any, value_head: bool = False) -> ModelSpec:
         params = [p for p in params if p.name != "lm_head.weight"]
         params.append(ParamInfo("score.weight", (1, hidden), Replicated(), layers + 1))
         tied = False
-    tied_head = _TIED_HEAD["gpt2" if family == "gpt2" else "llama"] if tied else None
+    tied_head = _TIED_HEAD.get(family, _TIED_HEAD["llama"]) if tied else None
     return ModelSpec(family, tuple(params), layers, tied_head)
 
 

@@ -43,6 +43,8 @@ def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, sliding_w
     return mask[:, None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA over [B, H, T, D] queries and [B, H_kv, S, D] keys/values (grouped-query when H_kv < H)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
+    """SDPA over [B, H, T, D] queries and [B, H_kv, S, D] keys/values (grouped-query when H_kv < H);
+    `scale` None is 1/sqrt(D) (1.0 for queries scaled beforehand, as OPT does)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1], scale=scale)

@@ -10,6 +10,7 @@ import torch
 from ds_realloc.models.attention import KVCache, attention_mask, positions_of
 from ds_realloc.models.gpt2 import GPT2TP
 from ds_realloc.models.llama import LlamaTP
+from ds_realloc.models.opt import OPTTP
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tp import TensorParallel, VocabShard, token_logprobs
 
@@ -35,8 +36,8 @@ class InferenceModel(Protocol):
 
 def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParallel) -> InferenceModel:
     """The inference module of an HF config's family on this rank's shards (a fused layout's buffers)."""
-    family = family_of(config).name
-    return GPT2TP(config, weights, tp) if family == "gpt2" else LlamaTP(config, weights, tp)
+    module = {"gpt2": GPT2TP, "opt": OPTTP}.get(family_of(config).name, LlamaTP)
+    return module(config, weights, tp)
 
 
 def _hidden(model: InferenceModel, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig,
+                          Qwen2Config)
 
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tokenizer import byte_level_tokenizer
@@ -73,6 +74,13 @@ def _tiny_gpt2_config(tokenizer) -> GPT2Config:
     return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_tiny_dims(tokenizer))
 
 
+def _tiny_opt_config(tokenizer) -> OPTConfig:
+    """OPT-350m's shape of model (DeepSpeed-Chat's critic): post-norm layers, embeddings narrower than
+    the hidden size (project_in / project_out); `do_layer_norm_before=true` gives OPT-1.3b's."""
+    return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                     max_position_embeddings=512, do_layer_norm_before=False, **_tiny_dims(tokenizer))
+
+
 def _build_random(make_config: Callable) -> Callable[[Path], None]:
     def build(out_dir: Path) -> None:
         from ds_realloc.models.hf_io import save_hf_folder
@@ -98,6 +106,7 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-qwen2": _build_random(_tiny_qwen2_config),
     "tiny-mistral": _build_random(_tiny_mistral_config),
     "tiny-gpt2": _build_random(_tiny_gpt2_config),
+    "tiny-opt": _build_random(_tiny_opt_config),
     "llama-100m": _build_random(_llama_100m_config),
 }
 

@@ -26,6 +26,7 @@ FAMILIES = {
     "mistral": Family("mistral", "MistralForCausalLM", "MistralForSequenceClassification"),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
     "gpt2": Family("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "opt": Family("opt", "OPTForCausalLM", "OPTForSequenceClassification"),
 }
 
 

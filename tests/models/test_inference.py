@@ -69,6 +69,27 @@ def test_tp_logits_equal_hf(preset):
     assert max(d for r in results for d in r.values()) <= 1e-4, results
 
 
+def _parity_of_each(rank, world, presets):
+    return {preset: _parity(rank, world, preset) for preset in presets}
+
+
+def test_opt_logits_equal_hf(tmp_path):
+    """OPT-350m's shape (tiny-opt: post-norm, projected embeddings) and OPT-1.3b's (pre-norm, final norm)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ds_realloc.models.hf_io import save_hf_folder
+    from ds_realloc.models.presets import resolve_model_path
+
+    path = resolve_model_path("tiny-opt")
+    config = AutoConfig.from_pretrained(path)
+    config.do_layer_norm_before, config.word_embed_proj_dim = True, config.hidden_size
+    torch.manual_seed(0)
+    save_hf_folder(AutoModelForCausalLM.from_config(config), AutoTokenizer.from_pretrained(path), tmp_path / "pre")
+    results = run_ranks(_parity_of_each, 4, ("tiny-opt", str(tmp_path / "pre")))
+    assert set(results[0]["tiny-opt"]) == {"t4", "d2t2", "d1"}
+    assert max(d for r in results for diffs in r.values() for d in diffs.values()) <= 1e-4, results
+
+
 def _value_parity(rank, world):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 

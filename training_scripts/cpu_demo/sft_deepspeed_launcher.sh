@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# world: 2
 # The same SFT job started by the deepspeed launcher with a hostfile (local machine, 2 slots).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# world: 2
 # SFT, then a reward model, then DPO on the embedded SmolLM2-135M-Instruct and the built-in
 # arithmetic task, 2 CPU processes each (ds-realloc starts them itself). A few minutes per command.
 set -euo pipefail

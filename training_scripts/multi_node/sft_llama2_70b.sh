@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# world: 32
 # SFT of a 70B model on 4 nodes x 8 GPUs with the deepspeed launcher (pdsh over ssh):
 # ZeRO-3 with the optimizer offloaded to CPU (DeepSpeedCPUAdam).
 set -euo pipefail

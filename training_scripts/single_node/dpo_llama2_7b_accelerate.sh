@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# world: 8
 # DPO on 1 node x 8 GPUs started by `accelerate launch`; ZeRO settings come from the accelerate config
 # (written by `accelerate config`), the reference model is offloaded to CPU while idle.
 set -euo pipefail

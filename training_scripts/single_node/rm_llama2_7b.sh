@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# world: 8
 # Reward model on preference pairs ({"prompt","chosen","rejected"} JSONL), 1 node x 8 GPUs, ZeRO-3.
 set -euo pipefail
 MODEL=${MODEL:?set MODEL to the SFT model folder}

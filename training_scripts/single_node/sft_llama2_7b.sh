@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# world: 8
 # SFT of a 7B LLaMA-family model on one node with 8 GPUs: ZeRO-3, bf16, gradient checkpointing.
 set -euo pipefail
 MODEL=${MODEL:?set MODEL to a local HF folder, e.g. /models/Llama-2-7b-hf}
