@@ -51,7 +51,7 @@ setup(
     package_data={"op_builder": ["csrc/**/*"], "ds_realloc": ["configs/*.yaml"]},
     install_requires=requirements,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "pexpect>=4.8"],
         "gpu": ["flash-attn>=2.5"],
     },
     entry_points={"console_scripts": ["ds-realloc=ds_realloc.cli:main"]},

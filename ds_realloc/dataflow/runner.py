@@ -28,7 +28,7 @@ from ds_realloc.dataflow.evaluation import Evaluator
 from ds_realloc.dataflow.experiment import Experiment, Interface
 from ds_realloc.dataflow.metrics import MetricsWriter, StepMetrics, StepTable, format_values
 from ds_realloc.dataflow.mfc import MFC
-from ds_realloc.dataflow.setup import build_models, load_data, placement_label, plan_run, prepare_run_dir, run_dir
+from ds_realloc.dataflow.setup import build_models, load_data, placement_labels, plan_run, prepare_run_dir, run_dir
 from ds_realloc.dataflow.walk import Walker, new_store
 from ds_realloc.engine.checkpoint import save_hf_model
 from ds_realloc.utils.dist import command_start_time, init_distributed, is_peer_failure
@@ -137,8 +137,7 @@ class Runner:
             "eval_after": eval_after,
             "wall_s": time.time() - command_start_time(),  # the whole command: start-up, evaluations, saving
             "train_s": train_s,
-            "allocations": {name: placement_label(a, self.cfg.engine.zero_stage)
-                            for name, a in self.walker.allocations.items()},
+            "allocations": placement_labels(self.walker.allocations, self.walker.roles),
             "mean_time_per_mfc_s": self.metrics.mean_seconds(),
         }
         if self.rank == 0:
@@ -171,10 +170,10 @@ def run_experiment(experiment: Experiment, cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     plan = plan_run(experiment, cfg, world)
     data = load_data(experiment, cfg, plan.paths[experiment.roles(cfg)[0].role])
+    roles, context = build_models(experiment, cfg, plan, data)
     logger.info("%s: %d training samples, %d eval samples, %d steps of %d rows on %d ranks; %s", experiment.command,
                 len(data.train_set), len(data.eval_set), data.total_steps, plan.settings.geometry.rows, world,
-                "; ".join(f"{name} {placement_label(a, cfg.engine.zero_stage)}" for name, a in plan.allocations.items()))
-    roles, context = build_models(experiment, cfg, plan, data)
+                "; ".join(f"{name} {label}" for name, label in placement_labels(plan.allocations, roles).items()))
     order = [allocation.mfc for allocation in plan.allocations.values()]  # topological
     interfaces = experiment.interfaces(cfg, context)
     walker = Walker(rank, plan.settings, roles, plan.allocations, cfg.engine.inference == "zero3")

@@ -19,6 +19,7 @@ from ds_realloc.dataflow.config import RunConfig
 from ds_realloc.dataflow.experiment import Experiment, InterfaceContext, RunSettings
 from ds_realloc.dataflow.mfc import MFCKind, topological_order
 from ds_realloc.dataflow.roles import Role, build_roles
+from ds_realloc.engine.ds_config import zero_stage
 from ds_realloc.layout.model import NAMED_CONFIGS, model_spec
 from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.utils.config import to_dict
@@ -86,6 +87,13 @@ def placement_label(allocation: Allocation, zero_stage: int | None) -> str:
     label = f"zero{3 if zero_stage is None else zero_stage}:d{allocation.mesh.size}" if allocation.mfc.kind.on_engine \
         else f"d{strategy.dp}t{strategy.tp}"
     return f"{label}@[{allocation.mesh}]"
+
+
+def placement_labels(allocations: dict[str, Allocation], roles: dict[str, Role]) -> dict[str, str]:
+    """Every MFC's placement, training ones with the ZeRO stage their engine really runs (accelerate's
+    plugin or a --deepspeed_config may have set another than engine.zero_stage)."""
+    return {name: placement_label(a, zero_stage(roles[a.mfc.role].ds_config) if a.mfc.role in roles else None)
+            for name, a in allocations.items()}
 
 
 def run_dir(experiment: Experiment, cfg: RunConfig) -> Path:

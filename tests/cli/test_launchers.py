@@ -80,3 +80,63 @@ def test_srun_step_environment(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errors]
     assert summary(tmp_path / "run")["steps"] == 2
     assert summary(tmp_path / "run")["allocations"]["actor_train"] == "zero3:d2@[0-1]"  # one job of 2 ranks
+
+
+# The real `accelerate config` wizard, answered as a DeepSpeed user would: its DeepSpeed questions
+# come only on the GPU-type paths (multi-CPU never asks them), so the answers take "multi-GPU"; the
+# file it writes (use_cpu false) launches on this CPU machine as written.
+WIZARD = [
+    (r"In which compute environment", ("menu", r"This machine")),
+    (r"Which type of machine", ("menu", r"multi-GPU")),
+    (r"How many different machines", "1"),
+    (r"Should distributed operations be checked", "no"),
+    (r"optimize your script with torch dynamo", "no"),
+    (r"Do you want to use DeepSpeed\?", "yes"),
+    (r"specify a json file to a DeepSpeed config", "no"),
+    (r"ZeRO optimization stage", ("menu", r"^2$")),  # not ds-realloc's default (3): shows whose settings run
+    (r"Where to offload optimizer states", ("menu", r"^none$")),
+    (r"Where to offload parameters", ("menu", r"^none$")),
+    (r"How many gradient accumulation steps", "1"),
+    (r"Do you want to use gradient clipping", "no"),
+    (r"save 16-bit model weights", "no"),
+    (r"deepspeed\.zero\.Init", "no"),
+    (r"Mixture-of-Experts", "no"),
+    (r"How many GPU\(s\) should be used", "2"),
+    (r"Do you wish to use mixed precision", ("menu", r"^no$")),
+]
+
+
+def _answer_wizard(hf_home: Path) -> Path:
+    import re
+
+    import pexpect
+
+    child = pexpect.spawn(str(BIN / "accelerate"), ["config"], env={**__import__("os").environ, "HF_HOME": str(hf_home)},
+                          encoding="utf-8", timeout=30, dimensions=(50, 200))
+    questions = [q for q, _ in WIZARD]
+    asked = []
+    while (i := child.expect([*questions, pexpect.EOF])) < len(WIZARD):
+        question, answer = WIZARD[i]
+        asked.append(question)
+        if isinstance(answer, str):
+            child.sendline(answer)
+            continue
+        child.expect(r"\x1b\[\?25l")  # the menu has been drawn (the cursor hidden)
+        shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)
+        options = [line.strip() for line in shown.split("select a choice")[-1].splitlines()[1:] if line.strip()]
+        cursor = next(k for k, option in enumerate(options) if option.startswith("➔"))  # the menu's default
+        target = next(k for k, option in enumerate(options) if re.search(answer[1], option.lstrip("➔ ")))
+        child.send(("\x1b[B" * (target - cursor) if target >= cursor else "\x1b[A" * (cursor - target)) + "\r")
+    child.close()
+    assert child.exitstatus == 0 and "Do you want to use DeepSpeed\\?" in asked, asked
+    return hf_home / "accelerate" / "default_config.yaml"
+
+
+def test_accelerate_config_wizard_then_launch_without_a_config_file(tmp_path):
+    written = _answer_wizard(tmp_path / "hf")
+    assert "distributed_type: DEEPSPEED" in written.read_text() and "zero_stage: 2" in written.read_text()
+    launcher = [str(BIN / "accelerate"), "launch", "--main_process_port", "29673", "-m", "ds_realloc"]
+    result = run_cli([*JOB, f"output.dir={tmp_path / 'run'}"], tmp_path, launcher=launcher, timeout=300,
+                     env={"HF_HOME": str(tmp_path / "hf")})
+    _assert_ran(result, tmp_path / "run")
+    assert summary(tmp_path / "run")["allocations"]["actor_train"] == "zero2:d2@[0-1]"  # the wizard's stage
