@@ -91,29 +91,36 @@ def test_opt_logits_equal_hf(tmp_path):
 
 
 def _value_parity(rank, world):
+    return [_value_parity_of(rank, preset) for preset in ("tiny-llama", "tiny-opt")]
+
+
+def _value_parity_of(rank, preset):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from ds_realloc.engine.loading import VALUE_HEAD_SEED, _new_head_values
+    from ds_realloc.layout.model import model_spec
     from ds_realloc.models.inference import score_values
     from ds_realloc.models.presets import resolve_model_path
+    from ds_realloc.models.registry import family_of
 
-    # a reward-model folder: the tiny llama backbone plus a score head
+    # a reward-model folder: the tiny backbone plus a score head
     import tempfile
 
     from ds_realloc.models.hf_io import CheckpointReader, ShardedWriter
 
-    path = resolve_model_path("tiny-llama")
+    path = resolve_model_path(preset)
     folder = tempfile.mkdtemp() if rank == 0 else None
     holder = [folder]
     torch.distributed.broadcast_object_list(holder, src=0)
     folder = holder[0]
     if rank == 0:
         config = AutoConfig.from_pretrained(path)
-        config.num_labels, config.architectures = 1, ["LlamaForSequenceClassification"]
+        config.num_labels, config.architectures = 1, [family_of(config).sequence_classifier]
         reader, writer = CheckpointReader(path), ShardedWriter(folder)
         for name in sorted(reader.names() - {"lm_head.weight"}):
             writer.add(name, reader.read(name))
-        writer.add("score.weight", _new_head_values(torch.Size((1, config.hidden_size)), VALUE_HEAD_SEED))
+        width = model_spec(config).params[0].shape[1]  # what the head reads (OPT: word_embed_proj_dim)
+        writer.add("score.weight", _new_head_values(torch.Size((1, width)), VALUE_HEAD_SEED))
         writer.close()
         config.save_pretrained(folder)
         from transformers import AutoTokenizer
@@ -130,7 +137,7 @@ def _value_parity(rank, world):
 
 
 def test_tp_values_equal_hf():
-    assert max(run_ranks(_value_parity, 2)) <= 1e-5
+    assert max(max(diffs) for diffs in run_ranks(_value_parity, 2)) <= 1e-5
 
 
 def _smollm2_parity(rank, world):
