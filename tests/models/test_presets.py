@@ -44,7 +44,10 @@ def test_bad_model_paths_say_what_is_wrong(tmp_path):
     with pytest.raises(ModelError, match="is not an HF model folder \\(no config.json in it\\)"):
         resolve_model_path(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ModelError, match="model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2"):
+    from ds_realloc.models.registry import FAMILIES
+
+    assert {"gpt2", "llama", "mistral", "opt", "qwen2"} <= set(FAMILIES)
+    with pytest.raises(ModelError, match=f"model_type 'bert' is not supported; supported: {', '.join(sorted(FAMILIES))}"):
         resolve_model_path(str(tmp_path))
 
 
