@@ -106,6 +106,31 @@ def _llama_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     return params, layers, tied
 
 
+def _mixtral_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
+    """Mixtral: LLaMA attention with a sparse MoE block, written against the names and shapes
+    transformers (5.x) holds in memory (the live ZeRO-3 partitions): per layer the replicated router
+    `mlp.gate.weight` [E, H], and every expert's weights fused in `mlp.experts.gate_up_proj` [E, 2I, H]
+    (gate then up along dim 1, each split tp ways) and `mlp.experts.down_proj` [E, H, I] (split by its
+    input, dim 2)."""
+    params, layers, tied = _llama_params(config)
+    experts, top_k = _get(config, "num_local_experts"), _get(config, "num_experts_per_tok")
+    hidden, inter = _get(config, "hidden_size"), _get(config, "intermediate_size")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(f"num_experts_per_tok={top_k} must be within [1, num_local_experts={experts}]")
+    moe = []
+    for p in params:
+        if p.name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")):
+            if p.name.endswith("mlp.gate_proj.weight"):
+                prefix = p.name.removesuffix("gate_proj.weight")
+                moe += [ParamInfo(f"{prefix}gate.weight", (experts, hidden), Replicated(), p.unit),
+                        ParamInfo(f"{prefix}experts.gate_up_proj", (experts, 2 * inter, hidden), FusedSplit(1, 2),
+                                  p.unit),
+                        ParamInfo(f"{prefix}experts.down_proj", (experts, hidden, inter), Split(2), p.unit)]
+            continue
+        moe.append(p)
+    return moe, layers, tied
+
+
 def _gpt2_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     hidden = _get(config, "n_embd", "hidden_size")
     layers = _get(config, "n_layer", "num_hidden_layers")
@@ -189,7 +214,7 @@ def _opt_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
 
 
 _FAMILIES = {"llama": _llama_params, "mistral": _llama_params, "qwen2": _llama_params, "gpt2": _gpt2_params,
-             "opt": _opt_params}
+             "opt": _opt_params, "mixtral": _mixtral_params}
 _TIED_HEAD = {"llama": ("lm_head.weight", "model.embed_tokens.weight"),
               "gpt2": ("lm_head.weight", "transformer.wte.weight"),
               "opt": ("lm_head.weight", "model.decoder.embed_tokens.weight")}

@@ -10,6 +10,7 @@ import torch
 from ds_realloc.models.attention import KVCache, attention_mask, positions_of
 from ds_realloc.models.gpt2 import GPT2TP
 from ds_realloc.models.llama import LlamaTP
+from ds_realloc.models.mixtral import MixtralTP
 from ds_realloc.models.opt import OPTTP
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tp import TensorParallel, VocabShard, token_logprobs
@@ -36,7 +37,7 @@ class InferenceModel(Protocol):
 
 def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParallel) -> InferenceModel:
     """The inference module of an HF config's family on this rank's shards (a fused layout's buffers)."""
-    module = {"gpt2": GPT2TP, "opt": OPTTP}.get(family_of(config).name, LlamaTP)
+    module = {"gpt2": GPT2TP, "opt": OPTTP, "mixtral": MixtralTP}.get(family_of(config).name, LlamaTP)
     return module(config, weights, tp)
 
 

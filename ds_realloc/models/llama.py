@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from ds_realloc.models.attention import KVCache, attend
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, row_parallel, vocab_embedding
 
-_ROTARY = {"llama": LlamaRotaryEmbedding, "mistral": MistralRotaryEmbedding, "qwen2": Qwen2RotaryEmbedding}
+_ROTARY = {"llama": LlamaRotaryEmbedding, "mistral": MistralRotaryEmbedding, "qwen2": Qwen2RotaryEmbedding,
+           "mixtral": MixtralRotaryEmbedding}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,9 +67,12 @@ class LlamaTP:
             k, v = cache.store(i, k, v, start)
         out = attend(q, k, v, mask).transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
         x = x + row_parallel(out, w[p + "self_attn.o_proj.weight"], None, self.tp)
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
-        gate, up = F.linear(h, w[p + "mlp.gate_up_proj.weight"]).chunk(2, dim=-1)
-        return x + row_parallel(self.act(gate) * up, w[p + "mlp.down_proj.weight"], None, self.tp)
+        return x + self._mlp(p, rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps))
+
+    def _mlp(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        """The layer's feed-forward block on normalised inputs (a gated MLP; row parallel, all-reduced)."""
+        gate, up = F.linear(h, self.w[p + "mlp.gate_up_proj.weight"]).chunk(2, dim=-1)
+        return row_parallel(self.act(gate) * up, self.w[p + "mlp.down_proj.weight"], None, self.tp)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:

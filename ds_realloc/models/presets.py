@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig,
-                          Qwen2Config)
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig,
+                          OPTConfig, Qwen2Config)
 
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tokenizer import byte_level_tokenizer
@@ -81,6 +81,13 @@ def _tiny_opt_config(tokenizer) -> OPTConfig:
                      max_position_embeddings=512, do_layer_norm_before=False, **_tiny_dims(tokenizer))
 
 
+def _tiny_mixtral_config(tokenizer) -> MixtralConfig:
+    """4 experts, top-2 (Mixtral's routing), GQA attention."""
+    return MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+                         sliding_window=None, tie_word_embeddings=False, **_tiny_dims(tokenizer))
+
+
 def _build_random(make_config: Callable) -> Callable[[Path], None]:
     def build(out_dir: Path) -> None:
         from ds_realloc.models.hf_io import save_hf_folder
@@ -107,6 +114,7 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-mistral": _build_random(_tiny_mistral_config),
     "tiny-gpt2": _build_random(_tiny_gpt2_config),
     "tiny-opt": _build_random(_tiny_opt_config),
+    "tiny-mixtral": _build_random(_tiny_mixtral_config),
     "llama-100m": _build_random(_llama_100m_config),
 }
 

@@ -27,6 +27,7 @@ FAMILIES = {
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
     "gpt2": Family("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "opt": Family("opt", "OPTForCausalLM", "OPTForSequenceClassification"),
+    "mixtral": Family("mixtral", "MixtralForCausalLM", "MixtralForSequenceClassification"),
 }
 
 

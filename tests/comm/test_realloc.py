@@ -125,7 +125,7 @@ def _full_weights(engine) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone().float() for name, p in params.items()}
 
 
-def _from_engine(rank, world, dtype_name, offload, train_ranks):
+def _from_engine(rank, world, dtype_name, offload, train_ranks, preset="tiny-llama"):
     import torch.distributed as dist
 
     from ds_realloc.comm.realloc import KeptWeights, check_zero3_layout, reallocate, zero3_sources
@@ -136,9 +136,9 @@ def _from_engine(rank, world, dtype_name, offload, train_ranks):
     from ds_realloc.models.presets import resolve_model_path
 
     dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
-    config, state = _state("tiny-llama")
+    config, state = _state(preset)
     model = model_spec(config)
-    engine = _zero3_engine(resolve_model_path("tiny-llama"), train_ranks, dtype_name, offload) \
+    engine = _zero3_engine(resolve_model_path(preset), train_ranks, dtype_name, offload) \
         if rank in train_ranks else None
     src = Layout(model, DeviceMesh(train_ranks), Strategy(dp=len(train_ranks), zero3=True))
     sources = zero3_sources(engine.module) if engine else {}
@@ -190,13 +190,15 @@ def _broadcast_state(state, src_rank):
     return holder[0]
 
 
-@pytest.mark.parametrize("world,dtype,offload,train_ranks", [
-    (2, "fp32", False, (0, 1)), (2, "bf16", False, (0, 1)), (2, "fp32", True, (0, 1)),
-    (4, "fp32", False, (0, 1, 2, 3)), (4, "bf16", True, (0, 1))])
-def test_from_live_zero3_partitions(world, dtype, offload, train_ranks):
+@pytest.mark.parametrize("world,dtype,offload,train_ranks,preset", [
+    (2, "fp32", False, (0, 1), "tiny-llama"), (2, "bf16", False, (0, 1), "tiny-llama"),
+    (2, "fp32", True, (0, 1), "tiny-llama"), (4, "fp32", False, (0, 1, 2, 3), "tiny-llama"),
+    (4, "bf16", True, (0, 1), "tiny-llama"), (2, "fp32", True, (0, 1), "tiny-mixtral")])
+def test_from_live_zero3_partitions(world, dtype, offload, train_ranks, preset):
     """ZeRO-3 partitions read in place (also offloaded to CPU) feed any layout, on overlapping or
-    disjoint ranks, leave the partitions untouched, and carry the weights of the latest step."""
-    checked = run_ranks(_from_engine, world, dtype, offload, train_ranks, timeout=600)
+    disjoint ranks, leave the partitions untouched, and carry the weights of the latest step (the
+    fused expert tensors of a mixture of experts too)."""
+    checked = run_ranks(_from_engine, world, dtype, offload, train_ranks, preset, timeout=600)
     assert sum(checked) > 0
 
 

@@ -192,3 +192,21 @@ def test_the_lower_bound_is_the_least_any_placement_receives(src_text, dst_text,
     assert sum(ReallocPlan.build(model, src, dst).stats().recv.values()) == bound
     if max(received.values()) > bound:  # a worse placement shows against the bound
         assert sum(ReallocPlan.build(model, src, dst, place=False).stats().recv.values()) >= bound
+
+
+def test_mixtral_experts_split_inside_every_expert_and_bad_routing_is_named():
+    from ds_realloc.layout.layout import Layout
+    from ds_realloc.layout.mesh import DeviceMesh, Strategy
+    from ds_realloc.layout.model import model_spec
+    from ds_realloc.utils.errors import ConfigError
+
+    config = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=260, num_local_experts=4,
+                  num_experts_per_tok=2)
+    model = model_spec(config)
+    shards = {b.name: b.shape for b in Layout(model, DeviceMesh((0, 1)), Strategy(tp=2), fused=True).buffers(1)}
+    assert shards["model.layers.0.mlp.experts.gate_up_proj"] == (4, 96, 64)  # [gate half; up half] of 2 x 96
+    assert shards["model.layers.0.mlp.experts.down_proj"] == (4, 64, 48)
+    assert shards["model.layers.0.mlp.gate.weight"] == (4, 64)  # the router, replicated
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok=5 must be within \[1, num_local_experts=4\]"):
+        model_spec({**config, "num_experts_per_tok": 5})

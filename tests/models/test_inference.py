@@ -62,7 +62,7 @@ def _parity(rank, world, preset):
     return diffs
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-mixtral"])
 def test_tp_logits_equal_hf(preset):
     results = run_ranks(_parity, 4, preset)
     assert set(results[0]) == {"t4", "d2t2", "d1"}

@@ -46,7 +46,7 @@ def test_bad_model_paths_say_what_is_wrong(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     from ds_realloc.models.registry import FAMILIES
 
-    assert {"gpt2", "llama", "mistral", "opt", "qwen2"} <= set(FAMILIES)
+    assert {"gpt2", "llama", "mistral", "mixtral", "opt", "qwen2"} <= set(FAMILIES)
     with pytest.raises(ModelError, match=f"model_type 'bert' is not supported; supported: {', '.join(sorted(FAMILIES))}"):
         resolve_model_path(str(tmp_path))
 

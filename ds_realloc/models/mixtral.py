@@ -1,0 +1,41 @@
+"""Mixtral inference on tensor-parallel shards: LLaMA attention, and a sparse mixture of experts.
+
+The expert weights are the fused tensors transformers (5.x) holds in memory - `mlp.experts.gate_up_proj`
+[experts, 2 x intermediate, hidden] and `mlp.experts.down_proj` [experts, hidden, intermediate] - and
+each rank holds every expert's slice of the intermediate size (gate and up split alike, down by its
+input), so an expert's output is a partial sum: one all-reduce per block sums the experts' outputs
+over the tensor-parallel ranks. The router `mlp.gate.weight` [experts, hidden] is replicated, so
+every rank routes every token alike: softmax in fp32, the top-k, renormalised (Mixtral's rule).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ds_realloc.models.llama import LlamaTP
+
+
+class MixtralTP(LlamaTP):
+    def __init__(self, config, weights, tp):
+        super().__init__(config, weights, tp)
+        self.experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
+
+    def route(self, p: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k experts [tokens, k] of each token and their renormalised weights (fp32)."""
+        probs = F.linear(h, self.w[p + "mlp.gate.weight"]).float().softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return experts, weights / weights.sum(-1, keepdim=True)
+
+    def _mlp(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])
+        experts, weights = self.route(p, h)
+        gate_up, down = self.w[p + "mlp.experts.gate_up_proj"], self.w[p + "mlp.experts.down_proj"]
+        out = torch.zeros_like(h)
+        for expert in experts.unique().tolist():
+            tokens, slot = torch.where(experts == expert)
+            gate, up = F.linear(h[tokens], gate_up[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, down[expert]) * weights[tokens, slot, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return self.tp.all_reduce(out).reshape(shape)
