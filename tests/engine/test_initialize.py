@@ -5,7 +5,8 @@ import pytest
 
 from tests.distributed import run_ranks
 
-PAD = 258  # tiny-llama's pad token
+PAD = 258  # the tiny presets' pad token
+PRESETS = ("tiny-llama", "tiny-opt", "tiny-mixtral")  # GQA, DeepSpeed-Chat's OPT, a mixture of experts
 
 
 def _ds_config(tp: int | None, release: bool = False) -> dict:
@@ -78,7 +79,7 @@ def _parity(rank: int, world: int) -> dict:
     HybridEngine._weights = recording
     ids, mask = _prompts(rank)
     results = {}
-    for preset, tp, release in itertools.product(("tiny-llama", "tiny-opt"), (1, 2), (True, False)):
+    for preset, tp, release in itertools.product(PRESETS, (1, 2), (True, False)):
         torch.manual_seed(0)
         model = _model(preset)
         engine, *_ = ds_realloc.initialize(model=model, model_parameters=model.parameters(),
@@ -109,7 +110,7 @@ def test_generate_equals_hf_generate_before_and_after_a_training_step():
 
     ended_early = []
     for rank, results in enumerate(run_ranks(_parity, 2, timeout=600)):
-        assert len(results) == 2 * 2 * 2 * 3
+        assert len(results) == len(PRESETS) * 2 * 2 * 3
         for (preset, tp, release, when), value in results.items():
             case = (rank, preset, tp, release, when)
             if when == "kept after step":
