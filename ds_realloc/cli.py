@@ -183,9 +183,6 @@ def _benchmarks() -> dict:
     return {"realloc": realloc, "generate": generate, "rlhf": rlhf, "ops": ops}
 
 
-BENCHMARK_NAMES = ("realloc", "generate", "rlhf", "ops")
-
-
 def _tool_help(name: str, config_cls: type, summary: str) -> None:
     from ds_realloc.utils.config import format_help
 
@@ -194,9 +191,10 @@ def _tool_help(name: str, config_cls: type, summary: str) -> None:
 
 
 def _bench(args: Sequence[str]) -> int:
-    if not args or args[0] not in BENCHMARK_NAMES:
-        raise UserError(f"bench needs a benchmark name: {', '.join(BENCHMARK_NAMES)}")
-    module = _benchmarks()[args[0]]
+    benchmarks = _benchmarks()
+    if not args or args[0] not in benchmarks:
+        raise UserError(f"bench needs a benchmark name: {', '.join(benchmarks)}")
+    module = benchmarks[args[0]]
     if "--help" in args or "-h" in args:
         _tool_help(f"bench {args[0]}", module.CONFIG, module.__doc__.strip().splitlines()[0])
         return 0
@@ -285,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help", "help"):
         listing = "\n".join(f"  {name:<27} {c.summary}" for name, c in distributed_commands().items())
-        print(USAGE.format(commands=listing, benchmarks=", ".join(BENCHMARK_NAMES)))
+        print(USAGE.format(commands=listing, benchmarks=", ".join(_benchmarks())))
         sys.exit(0 if argv else 2)
     command, args = argv[0], argv[1:]
     try:
