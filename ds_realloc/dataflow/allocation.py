@@ -29,8 +29,9 @@ from ds_realloc.utils.errors import ConfigError
 @dataclass
 class AllocationConfig:
     mesh: str = option("", "ranks of this call, e.g. 0-3 or 0,2 ('' = all ranks)")
-    strategy: str = option("", "d<dp>t<tp> for generate / inference calls; zero3, zero3:d<dp> or d<n> "
-                               "for training ('' = the default)")
+    strategy: str = option("", "d<dp>t<tp> for generate / inference calls (e<ep>: experts of an MoE model split "
+                               "over data-parallel ranks, e.g. d2e2); zero3, zero3:d<dp> or d<n> for training "
+                               "('' = the default)")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Allocation:
 def _strategy(mfc: MFC, text: str, mesh: DeviceMesh, where: str) -> Strategy:
     strategy = parse_strategy(text, mesh.size, where=where)
     if mfc.kind is MFCKind.TRAIN:
-        if strategy.tp != 1 or strategy.pp != 1:
+        if strategy.tp != 1 or strategy.pp != 1 or strategy.ep != 1:
             raise ConfigError(f"{where}: training runs DeepSpeed ZeRO data parallel (zero3, zero3:d<n> or d<n>), "
                               f"got {text}")
         if strategy.zero3 and strategy.dp != mesh.size:
@@ -101,8 +102,9 @@ def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc
         from_shorthand = shorthand and has_model and not config.strategy and mfc.kind is not MFCKind.TRAIN
         field = f"allocation ({mfc.name})" if from_shorthand else f"{where}.strategy"
         strategy = _strategy(mfc, text, mesh, field)
-        if not has_model and strategy.tp > 1:
-            raise ConfigError(f"{field}: {mfc.name} runs no model, so it has no tensor parallelism; use d{mesh.size}")
+        if not has_model and (strategy.tp > 1 or strategy.ep > 1):
+            raise ConfigError(f"{field}: {mfc.name} runs no model, so it has no tensor or expert parallelism; "
+                              f"use d{mesh.size}")
         allocation = Allocation(mfc, mesh, strategy)
         groups = len(allocation.dp_groups)
         if rows % groups:
@@ -111,8 +113,8 @@ def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc
         if (mfc.kind is MFCKind.TRAIN or mfc.whole_groups) and (rows // groups) % train_rows_multiple:
             raise ConfigError(f"{where}: each of the {groups} data-parallel groups gets {rows // groups} samples, "
                               f"not a multiple of the {train_rows_multiple} samples of one prompt")
-        if mfc.kind is not MFCKind.TRAIN and mfc.role in models and strategy.tp > 1:
-            try:  # the shard rules raise when tp does not fit the heads (GQA included) or the MLP
+        if mfc.kind is not MFCKind.TRAIN and mfc.role in models and (strategy.tp > 1 or strategy.ep > 1):
+            try:  # the shard rules raise when tp does not fit the heads (GQA included) or the MLP, ep the experts
                 Layout(models[mfc.role], mesh, strategy, fused=True).buffers(mesh.ranks[0])
             except ConfigError as e:
                 raise ConfigError(f"{field}: {text}: {e}") from None

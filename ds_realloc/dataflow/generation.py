@@ -19,14 +19,13 @@ from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.layout.model import model_spec
 from ds_realloc.models.generate import GenerationConfig, completion_ids, generate, sampling_of
-from ds_realloc.models.inference import inference_model
+from ds_realloc.models.inference import inference_model, parallel_groups
 from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.hf_io import CheckpointReader
 from ds_realloc.models.shards import load_shards
-from ds_realloc.models.tp import TensorParallel
 from ds_realloc.utils.config import invalid, option
-from ds_realloc.utils.dist import comm_device, group_of, init_distributed
+from ds_realloc.utils.dist import comm_device, init_distributed
 from ds_realloc.utils.errors import ConfigError
 from ds_realloc.utils.logging import get_logger, setup_logging
 
@@ -88,8 +87,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     stored = sum(torch.Size(reader.shape(name)).numel() for name in reader.names())
     logger.info("rank %d read %.1f%% of the checkpoint's elements (its tp=%d shard)", rank,
                 100 * reader.elements_read / stored, cfg.tp)
-    group = group_of([layout.ranks[layout.strategy.index(dp, t, pp)] for t in range(cfg.tp)]) if cfg.tp > 1 else None
-    model = inference_model(config, weights, TensorParallel.of(cfg.tp, tp_rank, group))
+    model = inference_model(config, weights, *parallel_groups(layout, rank))
     eos = sorted({tokenizer.eos_token_id, *([config.eos_token_id] if isinstance(config.eos_token_id, int)
                                             else config.eos_token_id or [])})
     mine = list(range(dp, len(samples), layout.strategy.dp))

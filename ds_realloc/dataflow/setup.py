@@ -85,7 +85,7 @@ def placement_label(allocation: Allocation, zero_stage: int | None) -> str:
     """`strategy@[mesh]`; training shows its ZeRO stage."""
     strategy = allocation.strategy
     label = f"zero{3 if zero_stage is None else zero_stage}:d{allocation.mesh.size}" if allocation.mfc.kind.on_engine \
-        else f"d{strategy.dp}t{strategy.tp}"
+        else f"d{strategy.dp}t{strategy.tp}" + (f"e{strategy.ep}" if strategy.ep > 1 else "")
     return f"{label}@[{allocation.mesh}]"
 
 

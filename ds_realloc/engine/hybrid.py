@@ -32,10 +32,9 @@ from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.layout.model import model_spec
 from ds_realloc.layout.plan import ReallocPlan
 from ds_realloc.models.generate import Generation, GenerationConfig
-from ds_realloc.models.inference import InferenceCall, InferenceModel, inference_model
-from ds_realloc.models.tp import TensorParallel
+from ds_realloc.models.inference import InferenceCall, InferenceModel, inference_model, parallel_groups
 from ds_realloc.models.value_head import hf_model_of
-from ds_realloc.utils.dist import comm_device, group_of
+from ds_realloc.utils.dist import comm_device
 from ds_realloc.utils.errors import ConfigError
 
 
@@ -129,11 +128,8 @@ class HybridEngine:
         rank = dist.get_rank()
         if rank not in placed.ranks:
             return None, ()
-        dp, tp_rank, pp = placed.coords(rank)
-        tp_size = placed.strategy.tp
-        ranks = tuple(placed.ranks[placed.strategy.index(dp, t, pp)] for t in range(tp_size))
-        tp = TensorParallel.of(tp_size, tp_rank, group_of(list(ranks)) if tp_size > 1 else None)
-        return inference_model(self.config, shaped(placed, rank, buffers), tp), ranks
+        tp, ep = parallel_groups(placed, rank)
+        return inference_model(self.config, shaped(placed, rank, buffers), tp, ep), placed.tensor_ranks(rank)
 
     def blend_into(self, other: "HybridEngine", ema: float) -> ReallocStats:
         """other <- ema * self + (1 - ema) * other, in place in the other model's own partitions (ZeRO-3

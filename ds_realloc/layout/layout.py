@@ -6,7 +6,9 @@ elements each buffer holds where.
 - d{dp}t{tp}p{pp}: stage p holds the parameters of its pipeline units, each split by its shard
   rule for tensor rank t; dp ranks are replicas. With `fused`, q/k/v and gate/up of a layer share
   one buffer ("...qkv_proj.weight", "...gate_up_proj.weight") - just destination offsets. With tied
-  embeddings and pp > 1 the last stage holds the embedding's shard as "lm_head.weight".
+  embeddings and pp > 1 the last stage holds the embedding's shard as "lm_head.weight". With
+  expert parallelism (`e`), an MoE layer's expert tensors hold only the ep rank's block of experts
+  (dim 0), each split by its shard rule inside; replicas are then ranks of equal (pp, tp, ep) ranks.
 
 `placement` optionally permutes the global ranks of each tensor-parallel group (see plan.py).
 """
@@ -104,6 +106,9 @@ class Layout:
         elif self.strategy.size != self.mesh.size:
             raise ConfigError(f"strategy {self.strategy} needs {self.strategy.size} ranks, mesh {self.mesh} has "
                               f"{self.mesh.size}")
+        if self.strategy.ep > 1 and not any(p.experts for p in self.model.params):
+            raise ConfigError(f"strategy {self.strategy}: expert parallelism (e{self.strategy.ep}) needs a "
+                              f"mixture-of-experts model; {self.model.family} has no experts")
         if self.placement is not None and sorted(self.placement) != sorted(self.mesh.ranks):
             raise ConfigError("a layout placement must be a permutation of its mesh")
 
@@ -123,7 +128,11 @@ class Layout:
     def key(self, rank: int) -> tuple:
         """Ranks with equal keys hold identical buffers (replicas)."""
         dp, tp, pp = self.coords(rank)
-        return ("zero3", dp) if self.strategy.zero3 else (pp, tp)
+        return ("zero3", dp) if self.strategy.zero3 else self.shard_key(dp, tp, pp)
+
+    def shard_key(self, dp: int, tp: int, pp: int) -> tuple:
+        """The key of the shard held at coordinates (dp, tp, pp): (pp, tp), plus the ep rank with experts split."""
+        return (pp, tp) if self.strategy.ep == 1 else (pp, tp, dp % self.strategy.ep)
 
     def key_ranks(self) -> dict[tuple, tuple[int, ...]]:
         if "key_ranks" not in self._cache:
@@ -165,17 +174,26 @@ class Layout:
             buffers.append(BufferSpec(p.name, (size,), (Member(p.name, runs),), p.unit))
         return tuple(buffers)
 
-    def _shard(self, p: ParamInfo, tp_rank: int) -> tuple[tuple[int, ...], tuple[Run, ...]]:
-        return p.rule.shard(p.shape, self.strategy.tp, tp_rank, p.name)
+    def _shard(self, p: ParamInfo, tp_rank: int, ep_rank: int = 0) -> tuple[tuple[int, ...], tuple[Run, ...]]:
+        ep = self.strategy.ep
+        if not p.experts or ep == 1:
+            return p.rule.shard(p.shape, self.strategy.tp, tp_rank, p.name)
+        experts = p.shape[0]
+        if experts % ep:
+            raise ConfigError(f"expert parallelism e{ep} does not divide the {experts} experts of {p.name}")
+        block = (experts // ep,) + p.shape[1:]  # this ep rank's experts: a contiguous block of the flattening
+        shape, runs = p.rule.shard(block, self.strategy.tp, tp_rank, p.name)
+        offset = ep_rank * math.prod(block)
+        return shape, tuple(r._replace(full=r.full + offset) for r in runs)
 
-    def _tp_buffers(self, pp_rank: int, tp_rank: int) -> tuple[BufferSpec, ...]:
+    def _tp_buffers(self, pp_rank: int, tp_rank: int, ep_rank: int = 0) -> tuple[BufferSpec, ...]:
         units = self.stage_units(pp_rank)
         buffers: list[BufferSpec] = []
         fused: dict[str, list[tuple[int, tuple[int, ...], ParamInfo, tuple[Run, ...]]]] = {}
         for p in self.model.params:
             if p.unit not in units:
                 continue
-            shape, runs = self._shard(p, tp_rank)
+            shape, runs = self._shard(p, tp_rank, ep_rank)
             target = _fused_name(p.name) if self.fused and self.model.family != "gpt2" else None
             if target is None:
                 buffers.append(BufferSpec(p.name, shape, (Member(p.name, runs),), p.unit))
@@ -237,6 +255,16 @@ class Layout:
 
     def with_placement(self, placement: tuple[int, ...]) -> "Layout":
         return Layout(self.model, self.mesh, self.strategy, self.fused, placement)
+
+    def expert_ranks(self, rank: int) -> tuple[int, ...]:
+        """The global ranks of `rank`'s expert-parallel group, in ep-rank order (itself alone when ep = 1)."""
+        dp, tp, pp = self.coords(rank)
+        return tuple(self.ranks[self.strategy.index(d, tp, pp)] for d in self.strategy.expert_group(dp))
+
+    def tensor_ranks(self, rank: int) -> tuple[int, ...]:
+        """The global ranks of `rank`'s tensor-parallel group, in tp-rank order."""
+        dp, _, pp = self.coords(rank)
+        return tuple(self.ranks[self.strategy.index(dp, t, pp)] for t in range(self.strategy.tp))
 
     def __str__(self) -> str:
         return f"{self.strategy}@[{self.mesh}]"

@@ -1,13 +1,23 @@
 """Device meshes (ordered sets of global ranks) and parallel strategies, parsed from strings.
 
 Mesh strings: `0-7`, `0,2,4,6`, `0-3,8-11`, or hostfile-relative `node1:0-3` (slots 0-3 of the
-second host; needs the slots per host), several hosts joined by `@` as in DeepSpeed's --include. Strategy strings: `d{dp}t{tp}p{pp}` in any order and with
-any factor left out (`m` is accepted for `t`), or `zero3` / `zero3:d{dp}` for ZeRO-3 partitions.
+second host; needs the slots per host), several hosts joined by `@` as in DeepSpeed's
+--include. Strategy strings: `d{dp}t{tp}p{pp}e{ep}` in any order and with any factor left out (`m`
+is accepted for `t`), or `zero3` / `zero3:d{dp}` for ZeRO-3 partitions.
 
 Coordinate order: the i-th rank of a mesh with strategy d{dp}t{tp}p{pp} has
     tp_rank = i % tp,  dp_rank = (i // tp) % dp,  pp_rank = i // (tp * dp)
 so tensor-parallel groups are consecutive ranks (one node), pipeline stages are outermost. A
 `zero3:d{dp}` mesh of n ranks holds n / dp replicas of a dp-way partition, replica = i // dp.
+
+Expert parallelism (`e`, mixture-of-experts models) is carved out of the data-parallel ranks, as in
+DeepSpeed-MoE and Megatron: it adds no ranks (`e` must divide `d`) and keeps the coordinates above.
+Each expert-parallel group is `e` consecutive data-parallel indices with the same tp and pp ranks,
+    ep_rank = dp_rank % ep,  group = dp_rank // ep;
+rows still split over all `d` indices, while the experts of every MoE layer split over the group
+(ep_rank r holds experts [r*E/e, (r+1)*E/e), each still split tp ways inside) and every other
+parameter stays replicated over `d`. A token's hidden state goes to the group rank holding each
+expert it is routed to and comes back (all-to-all inside the group).
 """
 
 from __future__ import annotations
@@ -94,18 +104,23 @@ def parse_mesh(text: str, slots_per_host: Sequence[int] | None = None, where: st
 
 @dataclass(frozen=True)
 class Strategy:
-    """How a mesh is split: data x tensor x pipeline parallel degrees, or ZeRO-3 partitions."""
+    """How a mesh is split: data x tensor x pipeline parallel degrees (expert parallelism inside the
+    data-parallel degree), or ZeRO-3 partitions."""
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
     zero3: bool = False
+    ep: int = 1
 
     def __post_init__(self):
-        if min(self.dp, self.tp, self.pp) < 1:
+        if min(self.dp, self.tp, self.pp, self.ep) < 1:
             raise ConfigError(f"strategy {self}: degrees must be >= 1")
-        if self.zero3 and (self.tp, self.pp) != (1, 1):
+        if self.zero3 and (self.tp, self.pp, self.ep) != (1, 1, 1):
             raise ConfigError(f"strategy {self}: ZeRO-3 partitions are data parallel only")
+        if self.dp % self.ep:
+            raise ConfigError(f"strategy {self}: the expert-parallel degree e={self.ep} must divide d={self.dp} "
+                              f"(experts are split over data-parallel ranks)")
 
     @property
     def size(self) -> int:
@@ -118,14 +133,20 @@ class Strategy:
     def index(self, dp_rank: int, tp_rank: int, pp_rank: int) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
+    def expert_group(self, dp_rank: int) -> tuple[int, ...]:
+        """The data-parallel indices of `dp_rank`'s expert-parallel group, in ep-rank order."""
+        first = dp_rank - dp_rank % self.ep
+        return tuple(range(first, first + self.ep))
+
     def __str__(self) -> str:
         if self.zero3:
             return f"zero3:d{self.dp}"
-        return f"d{self.dp}t{self.tp}p{self.pp}"
+        return f"d{self.dp}t{self.tp}p{self.pp}" + (f"e{self.ep}" if self.ep > 1 else "")
 
 
 def parse_strategy(text: str, mesh_size: int | None = None, where: str = "strategy") -> Strategy:
-    """A strategy from `d2t2`, `t4d2p1`, `m2` (= t2), `zero3` (over the whole mesh) or `zero3:d4`."""
+    """A strategy from `d2t2`, `t4d2p1`, `m2` (= t2), `d2e2` (experts split 2 ways inside d2), `zero3`
+    (over the whole mesh) or `zero3:d4`."""
     text = text.strip().lower()
     zero = re.fullmatch(r"zero3(?::d(\d+))?", text)
     if zero:
@@ -135,10 +156,10 @@ def parse_strategy(text: str, mesh_size: int | None = None, where: str = "strate
         if mesh_size is not None and mesh_size % dp:
             raise ConfigError(f"{where}: zero3:d{dp} does not divide a mesh of {mesh_size} ranks")
         return Strategy(dp=dp, zero3=True)
-    parts = re.findall(r"([dtmp])(\d+)", text)
+    parts = re.findall(r"([dtmpe])(\d+)", text)
     if not parts or "".join(f"{k}{v}" for k, v in parts) != text:
-        raise ConfigError(f"{where}: cannot read '{text}'; expected e.g. d2t2, t4p2, m2 or zero3")
-    degrees = {"d": 1, "t": 1, "p": 1}
+        raise ConfigError(f"{where}: cannot read '{text}'; expected e.g. d2t2, t4p2, m2, d2e2 or zero3")
+    degrees = {"d": 1, "t": 1, "p": 1, "e": 1}
     seen = set()
     for key, value in parts:
         key = "t" if key == "m" else key
@@ -146,7 +167,10 @@ def parse_strategy(text: str, mesh_size: int | None = None, where: str = "strate
             raise ConfigError(f"{where}: '{text}' gives the {key} degree twice")
         seen.add(key)
         degrees[key] = int(value)
-    strategy = Strategy(dp=degrees["d"], tp=degrees["t"], pp=degrees["p"])
+    if degrees["d"] % degrees["e"]:
+        raise ConfigError(f"{where}: in '{text}' the expert-parallel degree e{degrees['e']} must divide "
+                          f"d{degrees['d']} (experts are split over data-parallel ranks)")
+    strategy = Strategy(dp=degrees["d"], tp=degrees["t"], pp=degrees["p"], ep=degrees["e"])
     if mesh_size is not None and strategy.size != mesh_size:
         raise ConfigError(f"{where}: {text} needs {strategy.size} ranks, the mesh has {mesh_size}")
     return strategy

@@ -21,6 +21,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     rule: ShardRule
     unit: int  # pipeline unit
+    experts: bool = False  # dim 0 indexes the experts of an MoE layer (split over expert-parallel ranks)
 
     @property
     def numel(self) -> int:
@@ -111,7 +112,7 @@ def _mixtral_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     transformers (5.x) holds in memory (the live ZeRO-3 partitions): per layer the replicated router
     `mlp.gate.weight` [E, H], and every expert's weights fused in `mlp.experts.gate_up_proj` [E, 2I, H]
     (gate then up along dim 1, each split tp ways) and `mlp.experts.down_proj` [E, H, I] (split by its
-    input, dim 2)."""
+    input, dim 2); both split by expert (dim 0) over expert-parallel ranks."""
     params, layers, tied = _llama_params(config)
     experts, top_k = _get(config, "num_local_experts"), _get(config, "num_experts_per_tok")
     hidden, inter = _get(config, "hidden_size"), _get(config, "intermediate_size")
@@ -124,8 +125,9 @@ def _mixtral_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
                 prefix = p.name.removesuffix("gate_proj.weight")
                 moe += [ParamInfo(f"{prefix}gate.weight", (experts, hidden), Replicated(), p.unit),
                         ParamInfo(f"{prefix}experts.gate_up_proj", (experts, 2 * inter, hidden), FusedSplit(1, 2),
-                                  p.unit),
-                        ParamInfo(f"{prefix}experts.down_proj", (experts, hidden, inter), Split(2), p.unit)]
+                                  p.unit, experts=True),
+                        ParamInfo(f"{prefix}experts.down_proj", (experts, hidden, inter), Split(2), p.unit,
+                                  experts=True)]
             continue
         moe.append(p)
     return moe, layers, tied

@@ -309,7 +309,7 @@ def _placement(dst: Layout, needs: dict[tuple, tuple[Need, ...]]) -> tuple[int, 
     for pp, dp in itertools.product(range(strategy.pp), range(strategy.dp)):
         indices = [strategy.index(dp, tp, pp) for tp in range(strategy.tp)]
         group = [dst.mesh.ranks[i] for i in indices]
-        weights = [[held[(pp, tp)].get(rank, 0) for tp in range(strategy.tp)] for rank in group]
+        weights = [[held[dst.shard_key(dp, tp, pp)].get(rank, 0) for tp in range(strategy.tp)] for rank in group]
         assignment = max_weight_assignment(weights)
         for rank, tp in zip(group, assignment):
             placement[indices[tp]] = rank
@@ -350,7 +350,7 @@ def lower_bound(src: Layout, dst: Layout, needs: dict[tuple, tuple[Need, ...]] |
         return bound
     for pp, dp in itertools.product(range(strategy.pp), range(strategy.dp)):
         group = [dst.mesh.ranks[strategy.index(dp, tp, pp)] for tp in range(strategy.tp)]
-        weights = [[held[(pp, tp)].get(rank, 0) for tp in range(strategy.tp)] for rank in group]
+        weights = [[held[dst.shard_key(dp, tp, pp)].get(rank, 0) for tp in range(strategy.tp)] for rank in group]
         for rank, tp in zip(group, _best_assignment(weights)):
-            bound[rank] = totals[(pp, tp)] - weights[group.index(rank)][tp]
+            bound[rank] = totals[dst.shard_key(dp, tp, pp)] - weights[group.index(rank)][tp]
     return bound

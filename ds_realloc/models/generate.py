@@ -162,7 +162,7 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos
         logprobs.append(torch.where(done, torch.zeros_like(logprob), logprob))
         masks.append(~done)
         done = done | torch.isin(token, eos)
-        if bool(done.all()) or step + 1 == cfg.max_new_tokens:
+        if model.ep.all_finished(bool(done.all())) or step + 1 == cfg.max_new_tokens:
             break
         slot = longest + step
         valid[:, slot] = True

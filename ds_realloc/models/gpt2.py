@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from ds_realloc.models.attention import KVCache, attend
+from ds_realloc.models.experts import ExpertParallel
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, vocab_embedding
 
 
 class GPT2TP:
     """Forward passes of one tensor-parallel shard of a GPT-2 model."""
+
+    ep = ExpertParallel()  # dense: no expert-parallel peers to keep in step with
 
     def __init__(self, config, weights: Mapping[str, torch.Tensor], tp: TensorParallel):
         self.config, self.w, self.tp = config, weights, tp

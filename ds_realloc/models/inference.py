@@ -7,7 +7,9 @@ from typing import Mapping, Protocol
 
 import torch
 
+from ds_realloc.layout.layout import Layout
 from ds_realloc.models.attention import KVCache, attention_mask, positions_of
+from ds_realloc.models.experts import ExpertParallel
 from ds_realloc.models.gpt2 import GPT2TP
 from ds_realloc.models.llama import LlamaTP
 from ds_realloc.models.mixtral import MixtralTP
@@ -24,6 +26,7 @@ class InferenceModel(Protocol):
     vocab: VocabShard
     sliding_window: int | None
     tp: TensorParallel
+    ep: ExpertParallel
     dtype: torch.dtype
     device: torch.device
 
@@ -35,10 +38,24 @@ class InferenceModel(Protocol):
     def values(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
-def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParallel) -> InferenceModel:
+def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParallel,
+                    ep: ExpertParallel = ExpertParallel()) -> InferenceModel:
     """The inference module of an HF config's family on this rank's shards (a fused layout's buffers)."""
-    module = {"gpt2": GPT2TP, "opt": OPTTP, "mixtral": MixtralTP}.get(family_of(config).name, LlamaTP)
-    return module(config, weights, tp)
+    family = family_of(config).name
+    if family == "mixtral":
+        return MixtralTP(config, weights, tp, ep)
+    return {"gpt2": GPT2TP, "opt": OPTTP}.get(family, LlamaTP)(config, weights, tp)
+
+
+def parallel_groups(layout: Layout, rank: int) -> tuple[TensorParallel, ExpertParallel]:
+    """`rank`'s tensor- and expert-parallel groups in a d/t/p/e layout (its members call this together)."""
+    from ds_realloc.utils.dist import group_of
+
+    _, tp_rank, _ = layout.coords(rank)
+    tp_ranks, ep_ranks = layout.tensor_ranks(rank), layout.expert_ranks(rank)
+    tp = TensorParallel.of(len(tp_ranks), tp_rank, group_of(tp_ranks) if len(tp_ranks) > 1 else None)
+    ep = ExpertParallel(len(ep_ranks), ep_ranks.index(rank), group_of(ep_ranks) if len(ep_ranks) > 1 else None)
+    return tp, ep
 
 
 def _hidden(model: InferenceModel, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from ds_realloc.models.attention import KVCache, attend
+from ds_realloc.models.experts import ExpertParallel
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, row_parallel, vocab_embedding
 
 _ROTARY = {"llama": LlamaRotaryEmbedding, "mistral": MistralRotaryEmbedding, "qwen2": Qwen2RotaryEmbedding,
@@ -36,6 +37,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class LlamaTP:
     """Forward passes of one tensor-parallel shard of a LLaMA-family model."""
+
+    ep = ExpertParallel()  # dense: no expert-parallel peers to keep in step with
 
     def __init__(self, config, weights: Mapping[str, torch.Tensor], tp: TensorParallel):
         self.config, self.w, self.tp = config, weights, tp

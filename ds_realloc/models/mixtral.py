@@ -6,6 +6,8 @@ each rank holds every expert's slice of the intermediate size (gate and up split
 input), so an expert's output is a partial sum: one all-reduce per block sums the experts' outputs
 over the tensor-parallel ranks. The router `mlp.gate.weight` [experts, hidden] is replicated, so
 every rank routes every token alike: softmax in fp32, the top-k, renormalised (Mixtral's rule).
+With expert parallelism the rank holds a block of the experts and its tokens visit the group's
+other ranks for the rest (models/experts.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ds_realloc.models.experts import ExpertParallel, mixture
 from ds_realloc.models.llama import LlamaTP
 
 
 class MixtralTP(LlamaTP):
-    def __init__(self, config, weights, tp):
+    def __init__(self, config, weights, tp, ep: ExpertParallel = ExpertParallel()):
         super().__init__(config, weights, tp)
-        self.experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
+        self.experts, self.top_k, self.ep = config.num_local_experts, config.num_experts_per_tok, ep
 
     def route(self, p: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k experts [tokens, k] of each token and their renormalised weights (fp32)."""
@@ -32,10 +35,9 @@ class MixtralTP(LlamaTP):
         h = h.reshape(-1, shape[-1])
         experts, weights = self.route(p, h)
         gate_up, down = self.w[p + "mlp.experts.gate_up_proj"], self.w[p + "mlp.experts.down_proj"]
-        out = torch.zeros_like(h)
-        for expert in experts.unique().tolist():
-            tokens, slot = torch.where(experts == expert)
-            gate, up = F.linear(h[tokens], gate_up[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, down[expert]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        return self.tp.all_reduce(out).reshape(shape)
+
+        def expert(index: int, x: torch.Tensor) -> torch.Tensor:
+            gate, up = F.linear(x, gate_up[index]).chunk(2, dim=-1)
+            return F.linear(self.act(gate) * up, down[index])
+
+        return self.tp.all_reduce(mixture(h, experts, weights, self.experts, self.ep, expert)).reshape(shape)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from ds_realloc.models.attention import KVCache, attend
+from ds_realloc.models.experts import ExpertParallel
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, row_parallel, vocab_embedding
 
 _D = "model.decoder."
@@ -25,6 +26,8 @@ _POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding
 
 class OPTTP:
     """Forward passes of one tensor-parallel shard of an OPT model."""
+
+    ep = ExpertParallel()  # dense: no expert-parallel peers to keep in step with
 
     def __init__(self, config, weights: Mapping[str, torch.Tensor], tp: TensorParallel):
         self.config, self.w, self.tp = config, weights, tp

@@ -46,9 +46,14 @@ def expected_buffers(layout: Layout, rank: int, state: dict[str, torch.Tensor], 
             part = flat[index * spec.numel:(index + 1) * spec.numel]
             out[spec.name] = torch.cat([part, torch.zeros(spec.numel - part.numel(), dtype=dtype)])
             continue
-        _, tp_rank, _ = layout.coords(rank)
-        pieces = [reference_shard(layout.model.param(m.param), state[m.param], layout.strategy.tp, tp_rank).reshape(-1)
-                  for m in spec.members]
+        dp, tp_rank, _ = layout.coords(rank)
+        ep = layout.strategy.ep
+        pieces = []
+        for m in spec.members:
+            info, full = layout.model.param(m.param), state[m.param]
+            if info.experts and ep > 1:  # this ep rank's experts, then their tensor-parallel shard
+                full = full.chunk(ep, dim=0)[dp % ep]
+            pieces.append(reference_shard(info, full, layout.strategy.tp, tp_rank).reshape(-1))
         out[spec.name] = torch.cat(pieces).to(dtype)
     return out
 

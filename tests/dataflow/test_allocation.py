@@ -77,6 +77,12 @@ def test_per_mfc_and_shorthand_allocations():
     ({"actor_logp": {"mesh": "0"}}, "", "allocations.actor_logp: actor_logp runs on the training engine of "
                                         "actor_train; set allocations.actor_train instead"),
     ({"rl_targets": {"strategy": "d2t2"}}, "", "allocations.rl_targets.strategy: rl_targets runs no model"),
+    ({"actor_train": {"mesh": "0-3", "strategy": "d4e2"}}, "", "allocations.actor_train.strategy: training runs "
+                                                               "DeepSpeed ZeRO"),
+    ({"actor_gen": {"strategy": "d4e2"}}, "", "allocations.actor_gen.strategy: d4e2: strategy d4t1p1e2: expert "
+                                              "parallelism (e2) needs a mixture-of-experts model; llama has no experts"),
+    ({"actor_gen": {"strategy": "d4e3"}}, "", "allocations.actor_gen.strategy: in 'd4e3' the expert-parallel "
+                                              "degree e3 must divide d4"),
 ])
 def test_bad_allocations_name_the_mfc_and_field(per_mfc, shorthand, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
