@@ -20,9 +20,10 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 @dataclass
 class PlanStatsConfig:
-    model: str = option("llama-7b", "llama-7b, llama-13b, llama-34b, llama-70b, a preset, an HF folder or config.json")
+    model: str = option("llama-7b", "llama-7b, llama-13b, llama-34b, llama-70b, mixtral-8x7b, a preset, an HF folder "
+                                    "or config.json")
     world: int = option(8, "ranks in the job")
-    src: str = option("zero3", "source strategy on src_mesh (zero3, zero3:d<N>, d<dp>t<tp>p<pp>)")
+    src: str = option("zero3", "source strategy on src_mesh (zero3, zero3:d<N>, d<dp>t<tp>p<pp>e<ep>)")
     dst: str = option("d4t2", "destination strategy on dst_mesh")
     src_mesh: str = option("", "source ranks, e.g. 0-7 or 0,2,4,6 ('' = all ranks)")
     dst_mesh: str = option("", "destination ranks ('' = all ranks)")
