@@ -16,6 +16,7 @@ from ds_realloc.models.mixtral import MixtralTP
 from ds_realloc.models.opt import OPTTP
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tp import TensorParallel, VocabShard, token_logprobs
+from ds_realloc.utils.dist import group_of
 
 
 class InferenceModel(Protocol):
@@ -49,8 +50,6 @@ def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParal
 
 def parallel_groups(layout: Layout, rank: int) -> tuple[TensorParallel, ExpertParallel]:
     """`rank`'s tensor- and expert-parallel groups in a d/t/p/e layout (its members call this together)."""
-    from ds_realloc.utils.dist import group_of
-
     _, tp_rank, _ = layout.coords(rank)
     tp_ranks, ep_ranks = layout.tensor_ranks(rank), layout.expert_ranks(rank)
     tp = TensorParallel.of(len(tp_ranks), tp_rank, group_of(tp_ranks) if len(tp_ranks) > 1 else None)
