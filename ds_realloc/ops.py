@@ -207,6 +207,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = 
     return logprobs.view(shape), (entropies.view(shape) if entropy else None)
 
 
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                        entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(input_ids[:, t+1] | ...) from logits[:, t]: [batch, seq-1] in fp32, and the entropy per
+    position when asked, by the fused log-probs kernel (no [batch, seq, vocab] fp32 log-softmax;
+    `token_logprobs`). Training and ZeRO inference both score with it, so the same logits give the
+    same log-probs bit for bit. Logits that require grad and are not a leaf (a loss's LM-head output,
+    used once) get their gradient written over them."""
+    # the last position predicts nothing: a dummy target there avoids copying logits[:, :-1]
+    targets = torch.cat([input_ids[:, 1:], input_ids.new_zeros(input_ids.shape[0], 1)], dim=1)
+    logprobs, entropies = token_logprobs(logits, targets.to(logits.device), entropy,
+                                             inplace_grad=logits.requires_grad and not logits.is_leaf)
+    return logprobs[:, :-1], (entropies[:, :-1] if entropy else None)
+
+
 # -- report ----------------------------------------------------------------------------------------------
 
 
@@ -223,14 +237,14 @@ def op_report() -> list[dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 compatible = builder.is_compatible()
-            folder = _get_build_directory(builder.NAME, verbose=False)
-            built = os.path.isfile(os.path.join(folder, f"{builder.NAME}.so"))
+            folder = _get_build_directory(builder.name, verbose=False)
+            built = os.path.isfile(os.path.join(folder, f"{builder.name}.so"))
             module = kernel(op, device_type) if compatible else None
             error = _FAILED.get((op, device_type))
             if not compatible:
                 error = "no CUDA device" if device_type == "cuda" and not torch.cuda.is_available() else \
                     "not compatible (see the build warning)"
-            rows.append({"op": op, "device": device_type, "name": builder.NAME, "compatible": compatible,
+            rows.append({"op": op, "device": device_type, "name": builder.name, "compatible": compatible,
                          "built": built, "loaded": module is not None,
                          "path": getattr(module, "__file__", None) or (folder if built else None),
                          "disabled": ops_disabled(), "error": error})

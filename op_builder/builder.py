@@ -18,26 +18,23 @@ from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder
 CSRC = Path(__file__).resolve().parent / "csrc"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+# ATen's CPU capability -> the macros and target flags of ATen's own build of that capability (the
+# `Vectorized<float>` of that width, whose `exp` is the Sleef exp libtorch exports)
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+}
 
 
-def _vector_capability() -> list[str]:
-    """ATen's CPU_CAPABILITY macros for the widest vector unit the compiler may target here: its
-    `Vectorized<float>::exp` is then Sleef's AVX512 / AVX2 exp from libtorch."""
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                "-mavx512dq", "-mfma"]
-    if {"avx2", "fma"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]
-    return []
+def vector_capability() -> str:
+    """The vector unit the CPU kernels target: the one ATen dispatches to in this process (the widest
+    this CPU has, or what `ATEN_CPU_CAPABILITY` caps it at), so a kernel and the torch ops around it
+    round alike; "DEFAULT" (plain C++) when it is neither AVX512 nor AVX2."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in _CAPABILITY_FLAGS else "DEFAULT"
 
 
 class CPUKernelBuilder(OpBuilder):
@@ -46,7 +43,8 @@ class CPUKernelBuilder(OpBuilder):
     SOURCE = ""
 
     def __init__(self):
-        super().__init__(name=self.NAME)
+        # one JIT build per capability: processes capped at different ones do not rebuild each other's
+        super().__init__(name=f"{self.NAME}_{vector_capability().lower()}")
 
     def absolute_name(self) -> str:
         return f"op_builder.{self.NAME}_op"
@@ -58,7 +56,7 @@ class CPUKernelBuilder(OpBuilder):
         return []
 
     def cxx_args(self) -> list[str]:
-        return ["-O3", "-std=c++17", "-Wno-reorder", "-fopenmp", *_vector_capability()]
+        return ["-O3", "-std=c++17", "-Wno-reorder", "-fopenmp", *_CAPABILITY_FLAGS.get(vector_capability(), [])]
 
     def extra_ldflags(self) -> list[str]:
         return ["-fopenmp"]

@@ -22,7 +22,7 @@ def mode(request, monkeypatch):
     else:
         monkeypatch.delenv("DS_REALLOC_DISABLE_OPS", raising=False)
         for op in ("interval_copy", "gae", "logprobs"):
-            assert ops.kernel(op) is not None, f"{op} did not build here"
+            assert ops.kernel(op) is not None, f"{op} did not build here: {ops._FAILED.get((op, 'cpu'))}"
     return request.param
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_realloc import ops
+from ds_realloc.ops import next_token_logprobs  # the one next-token scoring, shared with the engines
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -19,19 +20,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
-                        entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(input_ids[:, t+1] | ...) from logits[:, t]: [batch, seq-1] in fp32, and the entropy per
-    position when asked, by the fused log-probs kernel (no [batch, seq, vocab] fp32 log-softmax;
-    `ds_realloc.ops.token_logprobs`). The logits are a loss's LM-head output, used once: their
-    gradient is written over them."""
-    # the last position predicts nothing: a dummy target there avoids copying logits[:, :-1]
-    targets = torch.cat([input_ids[:, 1:], input_ids.new_zeros(input_ids.shape[0], 1)], dim=1)
-    logprobs, entropies = ops.token_logprobs(logits, targets.to(logits.device), entropy,
-                                             inplace_grad=logits.requires_grad and not logits.is_leaf)
-    return logprobs[:, :-1], (entropies[:, :-1] if entropy else None)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from ds_realloc.models.attention import positions_of
 from ds_realloc.models.generate import Generation, GenerationConfig, left_padded, policy_temperature
 from ds_realloc.models.value_head import hf_model_of
+from ds_realloc.ops import next_token_logprobs
 from ds_realloc.utils.dist import comm_device
 
 
@@ -101,10 +102,9 @@ class ZeroInferenceCall:
         keep = input_ids.shape[1] if last is None else last + 1
         logits = self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                              position_ids=positions_of(attention_mask).to(self.device), logits_to_keep=keep,
-                             use_cache=False).logits.float()
-        targets = input_ids[:, -keep + 1:].to(self.device) if keep > 1 else input_ids[:, :0].to(self.device)
-        logprobs = torch.log_softmax(logits[:, :-1] / temperature, -1)
-        return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                             use_cache=False).logits
+        logits = logits / temperature if temperature != 1.0 else logits  # as the policy loss scores them
+        return next_token_logprobs(logits, input_ids[:, -keep:].to(self.device))[0]
 
     @torch.no_grad()
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def test_sft_learns_and_writes_every_output(tmp_path):
     assert result["steps"] == 12
     # wall_s is the whole command (process start to the summary, after the HF save); train_s the loop alone
     assert 0 < result["train_s"] < result["wall_s"] <= shell_wall
-    assert result["wall_s"] > shell_wall - 5  # all but interpreter teardown
+    # all but the ranks' and launcher's teardown after the summary, which takes seconds on a loaded machine
+    assert result["wall_s"] > shell_wall - max(5.0, 0.1 * shell_wall)
     assert result["eval_after"]["eval/actor/loss"] < 0.7 * result["eval_before"]["eval/actor/loss"]
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(13))
@@ -61,7 +62,11 @@ def test_dpo_raises_the_implicit_reward_margin(tmp_path):
     _assert_ok(run_cli(["dpo", *TINY_RUN, f"data.train={data}", f"data.eval={data}", "train.epochs=8",
                         "optim.lr=1e-3", "dpo.beta=0.5", f"output.dir={out}"], tmp_path, env=GOLDEN_ENV))
     before, after = summary(out)["eval_before"], summary(out)["eval_after"]
-    assert before["eval/actor/reward_margin"] == 0.0 and before["eval/actor/reward_accuracy"] == 0.0
+    # before training the policy is the reference: the implicit rewards are 0 up to rounding (the
+    # policy is scored by HF's forward on the training engine, the reference by our inference model on
+    # its own layout, so the two agree to float32 rounding, not bit for bit, and which pair comes out a
+    # hair ahead is noise: accuracy is not asserted here)
+    assert abs(before["eval/actor/reward_margin"]) <= 1e-5
     assert after["eval/actor/reward_accuracy"] >= 0.9 and after["eval/actor/loss"] < 0.6
     assert after["eval/actor/reward_margin"] > 0.2
     check_golden("dpo", out)

@@ -146,17 +146,13 @@ def test_assignment_is_optimal(weights):
     assert sorted(assignment) == [0, 1, 2, 3] and sum(weights[i][assignment[i]] for i in range(4)) == best
 
 
-def test_llama_70b_on_128_ranks_plans_quickly():
-    import time
-
+def test_llama_70b_on_128_ranks_meets_the_bound():
+    """The README's plan-stats example (how long it takes is `plan-stats`'s printed build time, not a test)."""
     model = model_spec(NAMED_CONFIGS["llama-70b"])
     mesh = DeviceMesh(tuple(range(128)))
-    start = time.perf_counter()
     plan = ReallocPlan.build(model, Layout(model, mesh, Strategy(dp=128, zero3=True)),
                              Layout(model, mesh, Strategy(dp=16, tp=8)))
     stats = plan.stats()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, elapsed
     assert sum(stats.recv.values()) == sum(stats.lower_bound.values())
     per_rank_shard = model.numel // 8  # roughly: every rank needs one tp shard of everything
     assert all(0.8 * per_rank_shard < v < 1.2 * per_rank_shard for v in stats.recv.values())
