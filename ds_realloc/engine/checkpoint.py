@@ -42,7 +42,7 @@ def save_hf_model(module: nn.Module, tokenizer, out_dir: str | Path, writer: int
     and writes shards as they fill. Ranks outside the group must not call it."""
     hf = hf_model_of(module)
     is_writer = dist.get_rank() == writer
-    shards = ShardedWriter(out_dir, max_shard_bytes) if is_writer else None
+    shards = ShardedWriter(out_dir, max_shard_bytes, hf.config.model_type) if is_writer else None
     dtype = None
     for name, param in hf.named_parameters():
         full = _full_param_on_writer(param, writer)

@@ -74,6 +74,9 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     raise ConfigError(f"the model config has none of the fields {', '.join(names)}")
 
 
+QK_NORM_FAMILIES = ("qwen3_moe",)  # attention that RMS-normalises each head's q and k before RoPE
+
+
 def _llama_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     hidden = _get(config, "hidden_size")
     layers = _get(config, "num_hidden_layers")
@@ -83,6 +86,7 @@ def _llama_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     inter = _get(config, "intermediate_size")
     vocab = _get(config, "vocab_size")
     bias = _get(config, "model_type") == "qwen2" or bool(_get(config, "attention_bias", default=False))
+    qk_norm = _get(config, "model_type") in QK_NORM_FAMILIES
     tied = bool(_get(config, "tie_word_embeddings", default=False))
     q_rule, kv_rule = Split(0, head_dim), KVHeads(kv, head_dim)
     params = [ParamInfo("model.embed_tokens.weight", (vocab, hidden), Split(0, uneven=True), 0)]
@@ -93,6 +97,9 @@ def _llama_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
             params.append(ParamInfo(f"{prefix}self_attn.{proj}.weight", (n * head_dim, hidden), rule, unit))
             if bias:
                 params.append(ParamInfo(f"{prefix}self_attn.{proj}.bias", (n * head_dim,), rule, unit))
+        if qk_norm:  # RMSNorm weights over head_dim, shared by every head
+            params += [ParamInfo(f"{prefix}self_attn.{norm}.weight", (head_dim,), Replicated(), unit)
+                       for norm in ("q_norm", "k_norm")]
         params += [
             ParamInfo(f"{prefix}self_attn.o_proj.weight", (hidden, heads * head_dim), Split(1, head_dim), unit),
             ParamInfo(f"{prefix}mlp.gate_proj.weight", (inter, hidden), Split(0), unit),
@@ -107,20 +114,29 @@ def _llama_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
     return params, layers, tied
 
 
-def _mixtral_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
-    """Mixtral: LLaMA attention with a sparse MoE block, written against the names and shapes
-    transformers (5.x) holds in memory (the live ZeRO-3 partitions): per layer the replicated router
-    `mlp.gate.weight` [E, H], and every expert's weights fused in `mlp.experts.gate_up_proj` [E, 2I, H]
-    (gate then up along dim 1, each split tp ways) and `mlp.experts.down_proj` [E, H, I] (split by its
-    input, dim 2); both split by expert (dim 0) over expert-parallel ranks."""
+def _moe_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
+    """Mixtral and Qwen3-MoE: LLaMA attention (Qwen3's with q/k norms) and sparse MoE blocks, written
+    against the names and shapes transformers (5.x) holds in memory (the live ZeRO-3 partitions): per
+    sparse layer the replicated router `mlp.gate.weight` [E, H], and every expert's weights fused in
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate then up along dim 1, each split tp ways) and
+    `mlp.experts.down_proj` [E, H, I] (split by its input, dim 2); both split by expert (dim 0) over
+    expert-parallel ranks. Qwen3-MoE's dense layers (`mlp_only_layers`, or not a multiple of
+    `decoder_sparse_step`) keep LLaMA's MLP of `intermediate_size`; its experts are
+    `moe_intermediate_size` wide."""
     params, layers, tied = _llama_params(config)
-    experts, top_k = _get(config, "num_local_experts"), _get(config, "num_experts_per_tok")
-    hidden, inter = _get(config, "hidden_size"), _get(config, "intermediate_size")
+    field = "num_local_experts" if _get(config, "num_local_experts", default=0) else "num_experts"
+    experts = _get(config, field)
+    top_k, hidden = _get(config, "num_experts_per_tok"), _get(config, "hidden_size")
+    inter = _get(config, "moe_intermediate_size", "intermediate_size")
     if not 1 <= top_k <= experts:
-        raise ConfigError(f"num_experts_per_tok={top_k} must be within [1, num_local_experts={experts}]")
+        raise ConfigError(f"num_experts_per_tok={top_k} must be within [1, {field}={experts}]")
+    dense = set(_get(config, "mlp_only_layers", default=[]) or [])
+    step = _get(config, "decoder_sparse_step", default=1)
+    sparse = {i for i in range(layers) if i not in dense and (i + 1) % step == 0}
     moe = []
     for p in params:
-        if p.name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")):
+        if p.name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")) \
+                and p.unit - 1 in sparse:
             if p.name.endswith("mlp.gate_proj.weight"):
                 prefix = p.name.removesuffix("gate_proj.weight")
                 moe += [ParamInfo(f"{prefix}gate.weight", (experts, hidden), Replicated(), p.unit),
@@ -216,7 +232,7 @@ def _opt_params(config: Any) -> tuple[list[ParamInfo], int, bool]:
 
 
 _FAMILIES = {"llama": _llama_params, "mistral": _llama_params, "qwen2": _llama_params, "gpt2": _gpt2_params,
-             "opt": _opt_params, "mixtral": _mixtral_params}
+             "opt": _opt_params, "mixtral": _moe_params, "qwen3_moe": _moe_params}
 _TIED_HEAD = {"llama": ("lm_head.weight", "model.embed_tokens.weight"),
               "gpt2": ("lm_head.weight", "transformer.wte.weight"),
               "opt": ("lm_head.weight", "model.decoder.embed_tokens.weight")}
@@ -251,6 +267,10 @@ NAMED_CONFIGS: dict[str, dict] = {
     "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
                          num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          vocab_size=151936, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                          mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False),
 }
 
 

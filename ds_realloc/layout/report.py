@@ -20,8 +20,8 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 @dataclass
 class PlanStatsConfig:
-    model: str = option("llama-7b", "llama-7b, llama-13b, llama-34b, llama-70b, mixtral-8x7b, a preset, an HF folder "
-                                    "or config.json")
+    model: str = option("llama-7b", "llama-7b, llama-13b, llama-34b, llama-70b, mixtral-8x7b, qwen3-30b-a3b, "
+                                    "a preset, an HF folder or config.json")
     world: int = option(8, "ranks in the job")
     src: str = option("zero3", "source strategy on src_mesh (zero3, zero3:d<N>, d<dp>t<tp>p<pp>e<ep>)")
     dst: str = option("d4t2", "destination strategy on dst_mesh")

@@ -3,7 +3,8 @@
 `CheckpointReader.read_flat(name, start, end)` reads one flat range of one tensor (e.g. a ZeRO-3
 partition) from safetensors through memory-mapped row slices, never the whole file.
 `ShardedWriter` writes `model.safetensors` or `model-0000i-of-0000n.safetensors` plus the index,
-holding at most one shard in memory.
+holding at most one shard in memory. Both speak live (in-memory) tensor names: a fused expert
+tensor is read from, and written as, its published per-expert tensors (`models/published.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ds_realloc.models.published import COUNT_KEYS, EXPERT_NAMES, live_shape, published_names, split_published
 from ds_realloc.utils.errors import ModelError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -50,6 +52,12 @@ class CheckpointReader:
                 break
         if not self._files:
             raise ModelError(f"{self.model_dir} has no model weights ({SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE})")
+        config = self.model_dir / "config.json"
+        config = json.loads(config.read_text()) if config.is_file() else {}
+        self.model_type = config.get("model_type")
+        counts = [config[key] for key in COUNT_KEYS if key in config] if self.model_type in EXPERT_NAMES else []
+        self._num_experts = int(counts[0]) if counts else 0
+        self._pieces: dict[str, list[str]] = {}  # live name -> its published tensors, where they differ
 
     def _open(self, file_name: str):
         if file_name not in self._handles:
@@ -64,24 +72,37 @@ class CheckpointReader:
         return set(self._files)
 
     def resolve(self, name: str, base_prefix: str) -> str | None:
-        """The stored name of a model parameter: as is, or with the base-model prefix added or removed
-        (GPT-2 checkpoints are saved both as `h.0...` and `transformer.h.0...`)."""
+        """The key of a model parameter here: its name as is, or with the base-model prefix added or
+        removed (GPT-2 checkpoints are saved both as `h.0...` and `transformer.h.0...`); a fused
+        expert tensor stored as its published per-expert tensors resolves to its live name."""
         prefix = base_prefix + "."
         for candidate in (name, name.removeprefix(prefix), prefix + name):
-            if candidate in self._files:
+            if candidate in self._files or candidate in self._pieces:
+                return candidate
+            pieces = published_names(candidate, self.model_type, self._num_experts)
+            if pieces and pieces != [candidate] and all(piece in self._files for piece in pieces):
+                self._pieces[candidate] = pieces
                 return candidate
         return None
 
     def where(self, name: str) -> str:
-        return str(self.model_dir / self._files[name])
+        return str(self.model_dir / self._files[self._pieces.get(name, [name])[0]])
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self._files[name])
         if isinstance(handle, dict):
             return tuple(handle[name].shape)
         return tuple(handle.get_slice(name).get_shape())
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._pieces:
+            return live_shape(name, [self._stored_shape(p) for p in self._pieces[name]], self._num_experts)
+        return self._stored_shape(name)
+
     def read(self, name: str) -> torch.Tensor:
+        if name in self._pieces:
+            shape = self.shape(name)
+            return self.read_flat(name, 0, torch.Size(shape).numel()).view(shape)
         handle = self._open(self._files[name])
         tensor = handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
         self.elements_read += tensor.numel()
@@ -91,8 +112,8 @@ class CheckpointReader:
         """The [count, length] spans of the row-major flattening starting at `offset`, `stride` apart
         (a tensor-parallel shard: rows of a dim-0 split, columns of a dim-1 split), reading only
         those spans when they are columns of the tensor's rows, else the rows that hold them."""
-        handle = self._open(self._files[name])
-        if isinstance(handle, dict) or count == 1 or stride == length:
+        handle = self._open(self._files[name]) if name not in self._pieces else None
+        if handle is None or isinstance(handle, dict) or count == 1 or stride == length:
             flat = self.read_flat(name, offset, offset + (count - 1) * stride + length)
             return flat.as_strided((count, length), (stride, 1))
         tensor_slice = handle.get_slice(name)
@@ -109,6 +130,8 @@ class CheckpointReader:
 
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the row-major flattening of a tensor, reading only the rows that hold them."""
+        if name in self._pieces:
+            return self._read_pieces(self._pieces[name], start, end)
         handle = self._open(self._files[name])
         if isinstance(handle, dict):
             self.elements_read += end - start
@@ -124,12 +147,27 @@ class CheckpointReader:
         self.elements_read += rows.numel()
         return rows[start - first * row:end - first * row]
 
+    def _read_pieces(self, pieces: list[str], start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the concatenated flattenings of `pieces`, from the pieces they lie in."""
+        parts, offset = [], 0
+        for piece in pieces:
+            numel = torch.Size(self._stored_shape(piece)).numel()
+            lo, hi = max(start, offset), min(end, offset + numel)
+            if lo < hi:
+                parts.append(self.read_flat(piece, lo - offset, hi - offset))
+            offset += numel
+            if offset >= end:
+                break
+        return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.empty(0)
+
 
 class ShardedWriter:
-    """Writes named tensors into safetensors shards of at most `max_shard_bytes` (HF file naming)."""
+    """Writes named tensors into safetensors shards of at most `max_shard_bytes` (HF file naming),
+    each live tensor under its published names for `model_type`."""
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30):
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30, model_type: str | None = None):
         self.out_dir = Path(out_dir)
+        self.model_type = model_type
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for stale in list(self.out_dir.glob("model*.safetensors")) + [self.out_dir / SAFE_INDEX]:
             stale.unlink(missing_ok=True)
@@ -140,12 +178,13 @@ class ShardedWriter:
         self._total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += nbytes
-        self._total_bytes += nbytes
+        for published, piece in split_published(name, tensor, self.model_type):
+            nbytes = piece.numel() * piece.element_size()
+            if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+                self._flush()
+            self._pending[published] = piece.detach().to("cpu").contiguous()
+            self._pending_bytes += nbytes
+            self._total_bytes += nbytes
 
     def _temp_name(self, i: int) -> Path:
         return self.out_dir / f"model-part{i:05d}.safetensors.tmp"
@@ -189,7 +228,7 @@ def write_hf_metadata(model, tokenizer, out_dir: str | Path, dtype: torch.dtype 
 def save_hf_folder(model, tokenizer, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """An HF folder of a whole in-memory model, written by the calling process whatever its rank:
     parameters (tied ones once, as HF stores them), persistent buffers, config and tokenizer."""
-    shards = ShardedWriter(out_dir, max_shard_bytes)
+    shards = ShardedWriter(out_dir, max_shard_bytes, model.config.model_type)
     dtype = None
     for name, param in model.named_parameters():
         shards.add(name, param.data)

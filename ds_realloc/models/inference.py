@@ -12,7 +12,7 @@ from ds_realloc.models.attention import KVCache, attention_mask, positions_of
 from ds_realloc.models.experts import ExpertParallel
 from ds_realloc.models.gpt2 import GPT2TP
 from ds_realloc.models.llama import LlamaTP
-from ds_realloc.models.mixtral import MixtralTP
+from ds_realloc.models.mixtral import MoETP
 from ds_realloc.models.opt import OPTTP
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tp import TensorParallel, VocabShard, token_logprobs
@@ -43,8 +43,8 @@ def inference_model(config, weights: Mapping[str, torch.Tensor], tp: TensorParal
                     ep: ExpertParallel = ExpertParallel()) -> InferenceModel:
     """The inference module of an HF config's family on this rank's shards (a fused layout's buffers)."""
     family = family_of(config).name
-    if family == "mixtral":
-        return MixtralTP(config, weights, tp, ep)
+    if family in ("mixtral", "qwen3_moe"):
+        return MoETP(config, weights, tp, ep)
     return {"gpt2": GPT2TP, "opt": OPTTP}.get(family, LlamaTP)(config, weights, tp)
 
 

@@ -1,10 +1,11 @@
 """LLaMA-family inference on tensor-parallel shards: LLaMA 1/2/3 (GQA, RoPE scaling), Mistral,
-Qwen2 (qkv bias), SmolLM2 (tied embeddings).
+Qwen2 (qkv bias), SmolLM2 (tied embeddings), and the attention of Mixtral and Qwen3-MoE (q/k norms).
 
 Weights are the buffers of a fused layout (layout.py), by HF names: per layer
 `self_attn.qkv_proj` (this rank's q heads, then its k and v heads), `self_attn.o_proj` (row
 parallel), `mlp.gate_up_proj` (gate then up, column parallel), `mlp.down_proj` (row parallel), the
-norms, and the vocab-parallel `model.embed_tokens` / `lm_head` (or `score` for value heads).
+norms (Qwen3's `self_attn.q_norm` / `k_norm` over each head's dims, before RoPE), and the
+vocab-parallel `model.embed_tokens` / `lm_head` (or `score` for value heads).
 RoPE comes from transformers' own rotary module, so every scaling type it knows works here.
 """
 
@@ -19,13 +20,14 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
 from ds_realloc.models.attention import KVCache, attend
 from ds_realloc.models.experts import ExpertParallel
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, row_parallel, vocab_embedding
 
 _ROTARY = {"llama": LlamaRotaryEmbedding, "mistral": MistralRotaryEmbedding, "qwen2": Qwen2RotaryEmbedding,
-           "mixtral": MixtralRotaryEmbedding}
+           "mixtral": MixtralRotaryEmbedding, "qwen3_moe": Qwen3MoeRotaryEmbedding}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,8 +64,11 @@ class LlamaTP:
         qkv = F.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q.view(batch, length, self.heads, self.head_dim), k.view(batch, length, self.kv_heads, self.head_dim)
+        if p + "self_attn.q_norm.weight" in w:
+            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps)
+            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], self.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig,
-                          OPTConfig, Qwen2Config)
+                          OPTConfig, Qwen2Config, Qwen3MoeConfig)
 
 from ds_realloc.models.registry import family_of
 from ds_realloc.models.tokenizer import byte_level_tokenizer
@@ -88,6 +88,15 @@ def _tiny_mixtral_config(tokenizer) -> MixtralConfig:
                          sliding_window=None, tie_word_embeddings=False, **_tiny_dims(tokenizer))
 
 
+def _tiny_qwen3_moe_config(tokenizer) -> Qwen3MoeConfig:
+    """4 experts, top-2 without renormalisation (Qwen3-MoE's default), q/k norms, and a dense middle
+    layer (`mlp_only_layers`) between two sparse ones."""
+    return Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                          num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1,
+                          max_position_embeddings=512, tie_word_embeddings=False, **_tiny_dims(tokenizer))
+
+
 def _build_random(make_config: Callable) -> Callable[[Path], None]:
     def build(out_dir: Path) -> None:
         from ds_realloc.models.hf_io import save_hf_folder
@@ -115,6 +124,7 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-gpt2": _build_random(_tiny_gpt2_config),
     "tiny-opt": _build_random(_tiny_opt_config),
     "tiny-mixtral": _build_random(_tiny_mixtral_config),
+    "tiny-qwen3-moe": _build_random(_tiny_qwen3_moe_config),
     "llama-100m": _build_random(_llama_100m_config),
 }
 
@@ -138,22 +148,20 @@ def _locked(path: Path) -> Iterator[None]:
 def _loadable(folder: Path) -> str | None:
     """Why an HF folder does not load (config, tokenizer, every weight the config expects), or None.
     Cheap: reads the config and the safetensors headers, not the weights."""
-    from safetensors import safe_open
     from transformers import AutoTokenizer
+
+    from ds_realloc.models.hf_io import CheckpointReader
 
     try:
         config = AutoConfig.from_pretrained(folder)
         AutoTokenizer.from_pretrained(folder)
         with torch.device("meta"):
             expected = {n for n, _ in AutoModelForCausalLM.from_config(config).named_parameters()}
-        stored: set[str] = set()
-        for file in folder.glob("*.safetensors"):
-            with safe_open(str(file), framework="pt") as handle:
-                stored.update(handle.keys())
-    except (OSError, ValueError, KeyError) as e:
+        reader = CheckpointReader(folder)  # the safetensors headers; fused experts as their published pieces
+    except (OSError, ValueError, KeyError, ModelError) as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = expected - stored - tied
+    missing = {name for name in expected - tied if reader.resolve(name, "") is None}
     return f"no weights for {sorted(missing)[:3]}" if missing else None
 
 

@@ -28,6 +28,7 @@ FAMILIES = {
     "gpt2": Family("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "opt": Family("opt", "OPTForCausalLM", "OPTForSequenceClassification"),
     "mixtral": Family("mixtral", "MixtralForCausalLM", "MixtralForSequenceClassification"),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
 }
 
 

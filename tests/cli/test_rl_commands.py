@@ -150,16 +150,17 @@ def test_a_killed_rank_stops_the_job_and_resume_matches_an_uninterrupted_run(tmp
 
 @pytest.mark.slow
 def test_grpo_on_a_mixture_of_experts_with_expert_parallel_generation(tmp_path):
-    """ZeRO-3 training of tiny-mixtral on 2 ranks while every rollout is generated on an expert-parallel
-    layout (d2e2: each rank holds half of every layer's experts, reallocated from the live partitions
-    each step); the toy reward rises and the saved HF checkpoint loads in transformers, every weight
-    present, with the logits of our own inference on it."""
+    """ZeRO-3 training of tiny-qwen3-moe on 2 ranks while every rollout is generated on an expert-parallel
+    layout (d2e2: each rank holds half of every sparse layer's experts, reallocated from the live
+    partitions each step); the toy reward rises and the saved HF checkpoint holds the published
+    per-expert tensors and loads in transformers, every weight present, with the logits of our own
+    inference on it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
     run = tmp_path / "run"
-    result = run_cli(["grpo", *TINY_RL[1:], "model.path=tiny-mixtral", "output.save_hf=true",
+    result = run_cli(["grpo", *TINY_RL[1:], "model.path=tiny-qwen3-moe", "output.save_hf=true",
                       "allocations.actor_gen.strategy=d2e2", "reward.function=toy_reward:lowercase_share",
                       "train.max_steps=20", "train.batch_size=8", "train.micro_batch_size=8", "optim.lr=1e-2",
                       "algo.kl_coef=0", "data.eval=", f"output.dir={run}"], tmp_path, timeout=600, env=GOLDEN_ENV)
@@ -168,6 +169,11 @@ def test_grpo_on_a_mixture_of_experts_with_expert_parallel_generation(tmp_path):
     rewards = [row["actor/reward"] for row in metrics(run) if row["step"] >= 1]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert len(rewards) == 20 and first < 0.3 and last > first + 0.5, rewards  # measured: 0.13 -> 0.95
+    from ds_realloc.models.hf_io import CheckpointReader
+
+    stored = CheckpointReader(run / "hf" / "actor").names()
+    assert "model.layers.2.mlp.experts.3.up_proj.weight" in stored and "model.layers.1.mlp.up_proj.weight" in stored
+    assert not any(name.endswith(("gate_up_proj", "experts.down_proj")) for name in stored)
     model, info = AutoModelForCausalLM.from_pretrained(run / "hf" / "actor", dtype=torch.float32,
                                                        output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -16,12 +16,14 @@ PLACEMENTS = {1: [(0,), (3,)], 2: [(0, 1), (2, 3), (1, 2)], 4: [(0, 1, 2, 3), (3
 def _state(preset: str) -> tuple[object, dict[str, torch.Tensor]]:
     from transformers import AutoConfig
 
+    from ds_realloc.layout.model import model_spec
     from ds_realloc.models.hf_io import CheckpointReader
     from ds_realloc.models.presets import resolve_model_path
 
     path = resolve_model_path(preset)
-    reader = CheckpointReader(path)
-    return AutoConfig.from_pretrained(path), {name: reader.read(name) for name in reader.names()}
+    reader, config = CheckpointReader(path), AutoConfig.from_pretrained(path)
+    names = [p.name for p in model_spec(config).params]  # live names (fused experts read from their pieces)
+    return config, {name: reader.read(reader.resolve(name, "model")) for name in names}
 
 
 def _layout(model, strategy: str, ranks: tuple[int, ...], fused: bool):
@@ -149,7 +151,7 @@ def _from_engine(rank, world, dtype_name, offload, train_ranks, preset="tiny-lla
     targets = [("t2", train_ranks[:2]), ("d2", tuple(range(world))[-2:]), ("d1", (world - 1,))]
     if world == 4:
         targets += [("p2t2", (3, 2, 1, 0)), ("t2", others or (2, 3))]
-    if model.family == "mixtral":  # expert parallel: experts split over data-parallel ranks (and tp inside)
+    if any(p.experts for p in model.params):  # expert parallel: experts split over data-parallel ranks (and tp inside)
         targets += [("d2e2", tuple(range(world))[-2:])] + ([("d2t2e2", (0, 1, 2, 3))] if world == 4 else [])
     before = {name: t.clone() for name, t in sources.items()}
     checked = 0
@@ -195,7 +197,8 @@ def _broadcast_state(state, src_rank):
 @pytest.mark.parametrize("world,dtype,offload,train_ranks,preset", [
     (2, "fp32", False, (0, 1), "tiny-llama"), (2, "bf16", False, (0, 1), "tiny-llama"),
     (2, "fp32", True, (0, 1), "tiny-llama"), (4, "fp32", False, (0, 1, 2, 3), "tiny-llama"),
-    (4, "bf16", True, (0, 1), "tiny-mixtral"), (2, "fp32", True, (0, 1), "tiny-mixtral")])
+    (4, "bf16", True, (0, 1), "tiny-mixtral"), (2, "fp32", False, (0, 1), "tiny-mixtral"),
+    (4, "fp32", False, (0, 1), "tiny-qwen3-moe"), (2, "bf16", True, (0, 1), "tiny-qwen3-moe")])
 def test_from_live_zero3_partitions(world, dtype, offload, train_ranks, preset):
     """ZeRO-3 partitions read in place (also offloaded to CPU) feed any layout, on overlapping or
     disjoint ranks, leave the partitions untouched, and carry the weights of the latest step (the

@@ -73,7 +73,7 @@ def _ep_parity(rank, world, preset):
     return results
 
 
-@pytest.mark.parametrize("preset", ["tiny-mixtral"])
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe"])
 def test_expert_parallel_logits_and_greedy_generation_equal_hf(preset):
     results = run_ranks(_ep_parity, 4, preset, timeout=300)
     assert set(results[0]) == {s for s, _ in EP_LAYOUTS}

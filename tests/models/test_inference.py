@@ -62,7 +62,8 @@ def _parity(rank, world, preset):
     return diffs
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-mixtral"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-mixtral",
+                                    "tiny-qwen3-moe"])
 def test_tp_logits_equal_hf(preset):
     results = run_ranks(_parity, 4, preset)
     assert set(results[0]) == {"t4", "d2t2", "d1"}
