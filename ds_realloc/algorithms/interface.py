@@ -8,6 +8,7 @@ count None means "sum over ranks".
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Protocol
 
 import torch
@@ -73,17 +74,28 @@ def train_micro_batches(engine, batch_len: int, micro_batch_size: int,
     share x dp / units of the whole step on all data-parallel ranks: DeepSpeed averages gradients
     over its dp ranks, so the gradient is exactly that of sum(shares) / sum(units). The accumulation
     boundary is the batch's last micro-batch, whatever the engine's configured accumulation count
-    (RAFT, PPO minibatches and evaluation padding train on fewer rows than a step's)."""
+    (RAFT, PPO minibatches and evaluation padding train on fewer rows than a step's).
+
+    A mixture-of-experts engine's router loss (`engine.router_loss`, models/router_loss.py) is
+    aggregated the same way: each micro-batch adds coef x its router loss x its units to its share,
+    so the step's loss gains coef x the units-weighted mean of the micro-batches' router losses
+    (metric `router_aux_loss`, that mean)."""
     metrics: Metrics = {}
     slices = micro_slices(batch_len, micro_batch_size)
-    units = global_sum(sum(float(units_of(rows)) for rows in slices), engine_group(engine))
-    scale = engine.dp_world_size / max(units, 1e-12)
-    for i, rows in enumerate(slices):
-        engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
-        share, tokens = loss_of(rows, metrics)
-        engine.backward(share * scale, scale_wrt_gas=False)
-        engine.step()
-        add_metric(metrics, "tokens", tokens, None)
+    per_slice = [float(units_of(rows)) for rows in slices]
+    scale = engine.dp_world_size / max(global_sum(sum(per_slice), engine_group(engine)), 1e-12)
+    router = getattr(engine, "router_loss", None)
+    with router.recording() if router is not None else contextlib.nullcontext():
+        for i, rows in enumerate(slices):
+            engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
+            share, tokens = loss_of(rows, metrics)
+            aux = router.take() if router is not None else None
+            if aux is not None:
+                share = share + router.coef * per_slice[i] * aux.to(share.device)
+                add_metric(metrics, "router_aux_loss", aux.item() * per_slice[i], per_slice[i])
+            engine.backward(share * scale, scale_wrt_gas=False)
+            engine.step()
+            add_metric(metrics, "tokens", tokens, None)
     return metrics
 
 

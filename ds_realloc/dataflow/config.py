@@ -15,7 +15,8 @@ from ds_realloc.utils.config import invalid, option
 @dataclass
 class ModelConfig:
     path: str = option(EMBEDDED_DEFAULT, "an HF model folder, or a preset: smollm2-135m-instruct, tiny-llama, "
-                                         "tiny-qwen2, tiny-mistral, tiny-gpt2, tiny-opt, tiny-mixtral, tiny-qwen3-moe")
+                                         "tiny-qwen2, tiny-mistral, tiny-gpt2, tiny-opt, tiny-mixtral, tiny-qwen3-moe, "
+                                         "smollm2-moe (SmolLM2 upcycled to 4 experts, top-2)")
 
 
 @dataclass

@@ -87,7 +87,8 @@ def build_roles(specs: list[RoleSpec], paths: dict[str, Path], mfcs: list[MFC], 
             if spec.trainable:
                 role.engine = build_train_engine(paths[spec.role], spec.head, ds_config,
                                                  lr_schedule(spec.optim or cfg.optim, total_optimizer_steps),
-                                                 cfg.engine.gradient_checkpointing, pad_id, group)
+                                                 cfg.engine.gradient_checkpointing, pad_id, group,
+                                                 cfg.engine.router_aux_loss_coef)
             else:
                 role.frozen = build_frozen_model(paths[spec.role], spec.head, ds_config, spec.offload, pad_id, group)
         role.hybrid = HybridEngine(role.module, hf_config, spec.head == "value", mesh, torch_dtype(ds_config),

@@ -21,6 +21,10 @@ class EngineConfig:
         "auto", "training precision; auto = bf16 where the GPU or CPU (AVX512-BF16 / AMX) computes it natively, "
                 "else fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    router_aux_loss_coef: float | None = option(
+        None, "mixture-of-experts models: weight of the router's load-balancing loss in every training loss of a "
+              "language model (aggregated like that loss); default the model's config.json router_aux_loss_coef; "
+              "0 = none")
     deepspeed_config: str | None = option(None, "a DeepSpeed JSON config whose keys override the generated ones")
     inference: Literal["realloc", "zero3"] = option(
         "realloc", "how generate / inference calls get their weights: realloc = reallocated into each call's layout "
@@ -31,6 +35,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise invalid("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise invalid("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
         if self.offload_param and self.zero_stage != 3:
             raise invalid("offload_param", "parameter offload needs zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:

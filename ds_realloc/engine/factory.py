@@ -14,15 +14,18 @@ from ds_realloc.engine.deepspeed_compat import patch_deepspeed, scoped_to
 from ds_realloc.engine.ds_config import torch_dtype, zero_stage
 from ds_realloc.engine.loading import instantiate
 from ds_realloc.models.registry import Head
+from ds_realloc.models.router_loss import router_loss_for
 from ds_realloc.models.value_head import hf_model_of
 from ds_realloc.utils.dist import DataParallelMPU, comm_device
 
 
 def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule: Callable | None = None,
                        gradient_checkpointing: bool = False, pad_token_id: int | None = None,
-                       dp_group: dist.ProcessGroup | None = None):
+                       dp_group: dist.ProcessGroup | None = None, router_aux_loss_coef: float | None = None):
     """A DeepSpeed training engine for the model in `model_dir`, built from a final DeepSpeed config;
-    `lr_schedule(optimizer)` makes the LR scheduler unless the config names its own "scheduler"."""
+    `lr_schedule(optimizer)` makes the LR scheduler unless the config names its own "scheduler". A
+    mixture-of-experts language model's engine carries `router_loss` (models/router_loss.py; None
+    otherwise), which training adds to its loss."""
     patch_deepspeed()
     zero3 = ds_config if zero_stage(ds_config) == 3 else None
     mpu = DataParallelMPU(dp_group or dist.group.WORLD)
@@ -33,6 +36,7 @@ def build_train_engine(model_dir: Path, head: Head, ds_config: dict, lr_schedule
         engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=mpu,
                                           model_parameters=[p for p in module.parameters() if p.requires_grad],
                                           lr_scheduler=None if "scheduler" in ds_config else lr_schedule)
+    engine.router_loss = router_loss_for(module, head, router_aux_loss_coef)
     return engine
 
 

@@ -116,8 +116,23 @@ def _build_smollm2(out_dir: Path) -> None:
     convert_smollm2(out_dir)
 
 
+def _build_smollm2_moe(out_dir: Path) -> None:
+    """SmolLM2 sparsely upcycled to Mixtral: 4 experts per layer, top-2, each a copy of the layer's MLP."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from ds_realloc.models.hf_io import save_hf_folder
+    from ds_realloc.models.upcycle import upcycle
+
+    dense_dir = materialise_preset(EMBEDDED_DEFAULT)
+    dense = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    moe = upcycle(dense, experts=4, top_k=2, seed=_TINY_SEED)
+    moe.generation_config = dense.generation_config
+    save_hf_folder(moe, AutoTokenizer.from_pretrained(dense_dir), out_dir)
+
+
 PRESETS: dict[str, Callable[[Path], None]] = {
     EMBEDDED_DEFAULT: _build_smollm2,
+    "smollm2-moe": _build_smollm2_moe,
     "tiny-llama": _build_random(_tiny_llama_config),
     "tiny-qwen2": _build_random(_tiny_qwen2_config),
     "tiny-mistral": _build_random(_tiny_mistral_config),

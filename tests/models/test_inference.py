@@ -213,6 +213,25 @@ def test_smollm2_greedy_generation_equals_hf_at_tp1():
     assert [completion_ids(ours, i) for i in range(len(prompts))] == expected
 
 
+def test_upcycled_smollm2_moe_generates_what_smollm2_does_at_step_0():
+    """smollm2-moe (every expert a copy of SmolLM2's MLP, top-2 renormalised): our greedy generation on
+    it gives SmolLM2's own HF greedy outputs on all 64 held-out prompts."""
+    from transformers import AutoTokenizer
+
+    from ds_realloc.models.generate import GenerationConfig, completion_ids, generate
+    from ds_realloc.models.presets import resolve_model_path
+
+    path, config, model = _tp_model("smollm2-moe", "d1", (0,))
+    assert config.model_type == "mixtral" and config.num_local_experts == 4 and config.num_experts_per_tok == 2
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = _arith_prompts(tokenizer, count=64)
+    assert len(prompts) == 64
+    ours = generate(model, prompts, GenerationConfig(max_new_tokens=24, greedy=True), [tokenizer.eos_token_id],
+                    tokenizer.pad_token_id)
+    expected = _hf_greedy(resolve_model_path("smollm2-135m-instruct"), prompts, 24)
+    assert [completion_ids(ours, i) for i in range(len(prompts))] == expected
+
+
 def _hybrid_greedy(rank, world, max_new_tokens):
     """zero3:d2 -> d2 through the hybrid engine: each rank generates half of the prompts."""
     from transformers import AutoConfig, AutoTokenizer

@@ -87,3 +87,23 @@ def test_a_poisoned_cache_folder_is_rebuilt(tmp_path, monkeypatch):
     assert (folder / presets._COMPLETE_MARK).exists()
     rebuilt = materialise_preset("tiny-qwen2")
     assert AutoModelForCausalLM.from_pretrained(rebuilt).num_parameters() > 0
+
+
+def test_upcycling_keeps_the_dense_output_and_names_what_it_rejects():
+    """Identical experts with renormalised top-k weights give the dense MLP's output whatever the router."""
+    from transformers import LlamaForCausalLM
+
+    from ds_realloc.models.upcycle import upcycle, upcycled_config
+
+    dense_config = AutoConfig.from_pretrained(resolve_model_path("tiny-llama"))
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(dense_config).eval()
+    moe = upcycle(dense, experts=4, top_k=2, seed=5).eval()
+    assert moe.config.num_local_experts == 4 and moe.num_parameters() > 2 * dense.num_parameters()
+    ids = torch.randint(3, 250, (2, 9))
+    with torch.no_grad():
+        assert (moe(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() < 1e-5
+    with pytest.raises(ModelError, match="top_k must be within"):
+        upcycled_config(dense_config, experts=2, top_k=3)
+    with pytest.raises(ModelError, match="from a LLaMA one, got model_type 'gpt2'"):
+        upcycled_config(AutoConfig.from_pretrained(resolve_model_path("tiny-gpt2")), experts=4, top_k=2)
