@@ -11,7 +11,9 @@ Ours: (c) `ours_d2`, the hybrid engine reallocating zero3:d<n> -> d<n> (each ran
 share of the prompts); (d) `ours_t2`, -> t<n> (all prompts on one tensor-parallel group).
 Reference, not a baseline (it needs the whole model resident on every rank, not ZeRO-3):
 (e) `replicated_hf_generate`, HF `generate` on a plain replica per rank.
-The drop-in API: (f) `initialize_t2`, `ds_realloc.initialize` with `hybrid_engine` enabled
+Mixture-of-experts models add (g) `ours_e2`, -> d<n>e<n> (expert parallel: each rank its share of
+the prompts and 1/n of every layer's experts, tokens exchanged all-to-all with the ranks holding
+theirs). The drop-in API: (f) `initialize_t2`, `ds_realloc.initialize` with `hybrid_engine` enabled
 (`inference_tp_size` n) and `engine.module.generate(...)` as DeepSpeed-Chat calls it, each rank
 passing its share of the prompts; `initialize_vs_ours_t2` is its tokens/s over (d)'s. With
 `repeats` > 1 the rows run that many times, interleaved, and each row reports its median run.
@@ -64,7 +66,7 @@ class GenerateBenchConfig:
 BASELINES = {"zero3_hf_generate": "DeepSpeed ZeRO-3 engine + HF generate(synced_gpus=True)",
              "zero3_gather_once_hf_generate": "GatheredParameters(whole model) + HF generate (DeepSpeed hybrid "
                                               "engine without TP; TRL ds3_gather_for_generation)"}
-OURS = ("ours_d2", "ours_t2")
+OURS = ("ours_d2", "ours_t2", "ours_e2")
 REFERENCE = "replicated_hf_generate"
 API = "initialize_t2"
 ROWS = (*BASELINES, *OURS, REFERENCE, API)
@@ -127,10 +129,12 @@ def _bench_rank(rank: int, world: int, cfg_dict: dict, row: str) -> dict:
                                           eos_token_id=pad)
                 return out[:, ids.shape[1]:].numel(), 0.0
             else:
-                strategy = Strategy(dp=world) if row == "ours_d2" else Strategy(tp=world)
+                strategy = {"ours_d2": Strategy(dp=world), "ours_t2": Strategy(tp=world),
+                            "ours_e2": Strategy(dp=world, ep=world)}[row]
+                own = row != "ours_t2"  # each rank generates its own prompts
                 with hybrid.placed(hybrid.layout(mesh, strategy)) as placement:  # not kept: moved on every call
-                    out = generate(placement.model, mine if row == "ours_d2" else prompts, greedy, [pad], pad)
-                    return (int(out.mask.sum()) if row == "ours_d2" or rank == 0 else 0), placement.seconds
+                    out = generate(placement.model, mine if own else prompts, greedy, [pad], pad)
+                    return (int(out.mask.sum()) if own or rank == 0 else 0), placement.seconds
         return int(out.mask.sum()), 0.0
 
     run(2)  # warm-up, not timed: first-call costs (allocator, thread pools, plan building) leave every row alike
@@ -152,10 +156,15 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
     resolve_model_path(cfg.model, field="model")
     report: dict = {"model": cfg.model, "nprocs": cfg.nprocs, "batch_size": cfg.batch_size,
                     "new_tokens": cfg.new_tokens, "dtype": cfg.dtype}
-    tp_fits = _tp_fits(cfg)
-    rows = [row for row in cfg.selected() if tp_fits or row not in ("ours_t2", API)]
-    for row in {"ours_t2", API} & set(cfg.selected()) - set(rows):
-        report[row] = {"skipped": f"the model's heads do not split {cfg.nprocs} ways"}
+    skipped = {row: f"the model's heads do not split {cfg.nprocs} ways" for row in ("ours_t2", API)
+               if not _tp_fits(cfg)}
+    experts = _experts(cfg)
+    if not experts or experts % cfg.nprocs:
+        skipped["ours_e2"] = (f"{experts} experts do not split {cfg.nprocs} ways" if experts else
+                              "not a mixture-of-experts model")
+    rows = [row for row in cfg.selected() if row not in skipped]
+    for row in set(skipped) & set(cfg.selected()):
+        report[row] = {"skipped": skipped[row]}
     runs: dict[str, list[dict]] = {row: [] for row in rows}
     for _ in range(cfg.repeats):  # interleaved: machine drift hits every row alike
         for row in rows:
@@ -195,6 +204,16 @@ def _api_engine(path, train_config: dict, world: int):
                                                 "release_inference_cache": True}}
     engine, *_ = ds_realloc.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
+
+
+def _experts(cfg: GenerateBenchConfig) -> int:
+    """Experts per sparse layer (0 for a dense model)."""
+    from transformers import AutoConfig
+
+    from ds_realloc.models.presets import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
 def _tp_fits(cfg: GenerateBenchConfig) -> bool:

@@ -31,9 +31,10 @@ from ds_realloc.dataflow.mfc import MFC
 from ds_realloc.dataflow.setup import build_models, load_data, placement_labels, plan_run, prepare_run_dir, run_dir
 from ds_realloc.dataflow.walk import Walker, new_store
 from ds_realloc.engine.checkpoint import save_hf_model
-from ds_realloc.utils.dist import command_start_time, init_distributed, is_peer_failure
+from ds_realloc.utils.dist import comm_device, command_start_time, init_distributed, is_peer_failure
 from ds_realloc.utils.errors import PeerLost, UserError
 from ds_realloc.utils.logging import get_logger, setup_logging
+from ds_realloc.utils.memory import return_freed_memory
 
 logger = get_logger(__name__)
 
@@ -164,6 +165,10 @@ class Runner:
 def run_experiment(experiment: Experiment, cfg: RunConfig) -> dict:
     """Run an experiment on this rank (all ranks call this with the same config)."""
     rank, world = init_distributed(cfg.launch.dist_timeout_s)
+    if comm_device().type == "cpu":
+        # Host memory holds the tensors: glibc would keep the freed heap blocks of each step's tensors
+        # (shapes change every step: lengths, MoE routing) and the RSS would creep up step after step.
+        return_freed_memory()
     out = run_dir(experiment, cfg)
     setup_logging(rank, out / "logs")
     prepare_run_dir(out, cfg, rank)

@@ -70,6 +70,15 @@ def _llama_100m_config(tokenizer) -> LlamaConfig:
                        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, **dims)
 
 
+def _mixtral_100m_config(tokenizer) -> MixtralConfig:
+    """~115M parameters, ~58M active per token (8 experts, top-2; GQA: 8 heads, 4 kv heads; vocab 32000)
+    for benchmarks."""
+    dims = {**_tiny_dims(tokenizer), "vocab_size": 32000}
+    return MixtralConfig(hidden_size=512, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
+                         sliding_window=None, tie_word_embeddings=False, **dims)
+
+
 def _tiny_gpt2_config(tokenizer) -> GPT2Config:
     return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_tiny_dims(tokenizer))
 
@@ -141,6 +150,7 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-mixtral": _build_random(_tiny_mixtral_config),
     "tiny-qwen3-moe": _build_random(_tiny_qwen3_moe_config),
     "llama-100m": _build_random(_llama_100m_config),
+    "mixtral-100m": _build_random(_mixtral_100m_config),
 }
 
 

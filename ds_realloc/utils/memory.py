@@ -18,7 +18,9 @@ def memory_stats() -> dict[str, float]:
 def return_freed_memory() -> None:
     """From now on this process hands freed blocks of 64 KiB or more back to the OS (glibc's mallopt:
     mmap threshold 64 KiB, trim threshold 0) and trims what its heap holds now, so its RSS follows
-    the live tensors. A no-op without glibc. Every large allocation becomes an mmap: not for timing."""
+    the live tensors. A no-op without glibc. Every large allocation becomes an mmap (fresh pages): the
+    training runner on CPU sets it at the start (its step times did not change, README), a
+    benchmark only around a separate call for its peak memory."""
     import ctypes
     import ctypes.util
 

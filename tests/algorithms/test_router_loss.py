@@ -78,7 +78,7 @@ def test_the_router_loss_is_in_the_gradient_aggregated_like_the_loss(steps):
     for name, grad in grads.items():
         assert torch.allclose(grad, reference[name], rtol=1e-5, atol=1e-7), name
     total, count = metrics["router_aux_loss"]
-    assert total / count == pytest.approx(mean_aux, rel=1e-6) and mean_aux > 1.0  # >= 1 (balanced) by definition
+    assert total / count == pytest.approx(mean_aux, rel=1e-6) and mean_aux > 1.5  # top-k = 2 if balanced
     router = "model.layers.0.mlp.gate.weight"
     assert (grads[router] - plain[router]).norm() > 0.1 * plain[router].norm()  # the term is really there
     assert "router_aux_loss" not in plain_metrics  # coef 0: no router loss

@@ -59,7 +59,7 @@ def test_sft_trains_a_mixture_of_experts_under_zero3_with_its_router_loss(tmp_pa
     done = summary(out)
     assert done["steps"] == 6 and done["eval_after"]["eval/actor/loss"] < 0.8 * done["eval_before"]["eval/actor/loss"]
     aux = [row["actor/router_aux_loss"] for row in metrics(out) if row["step"] >= 1]
-    assert len(aux) == 6 and all(1.0 <= a < 4.0 for a in aux), aux  # 1 = balanced, E = 4 = one expert takes all
+    assert len(aux) == 6 and all(1.5 < a < 4.0 for a in aux), aux  # top-k = 2 when balanced, E = 4 at most
     stored = CheckpointReader(out / "hf" / "actor").names()
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in stored
     assert "model.layers.1.block_sparse_moe.gate.weight" in stored

@@ -54,17 +54,19 @@ def test_generate_reports_layouts_the_model_cannot_take(tmp_path):
 
 
 def test_generation_benchmark_reports_every_row(tmp_path):
-    result = run_cli(["bench", "generate", "model=tiny-llama", "batch_size=4", "new_tokens=8", "--json"], tmp_path, 300)
+    """On a mixture of experts, so that the expert-parallel row runs too."""
+    result = run_cli(["bench", "generate", "model=tiny-mixtral", "batch_size=4", "new_tokens=8", "--json"], tmp_path,
+                     300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    rows = ("zero3_hf_generate", "zero3_gather_once_hf_generate", "ours_d2", "ours_t2", "replicated_hf_generate",
-            "initialize_t2")
+    rows = ("zero3_hf_generate", "zero3_gather_once_hf_generate", "ours_d2", "ours_t2", "ours_e2",
+            "replicated_hf_generate", "initialize_t2")
     for row in rows:
         assert report[row]["generated_tokens"] == 4 * 8 and report[row]["tokens_per_s"] > 0
         assert {"tokens_per_s", "peak_mem_bytes", "realloc_s"} <= set(report[row])
     assert report["speedup_t2"] == report["ours_t2"]["tokens_per_s"] / report["zero3_hf_generate"]["tokens_per_s"]
     best = max(("zero3_hf_generate", "zero3_gather_once_hf_generate"), key=lambda r: report[r]["tokens_per_s"])
-    ours = max(("ours_d2", "ours_t2"), key=lambda r: report[r]["tokens_per_s"])
+    ours = max(("ours_d2", "ours_t2", "ours_e2"), key=lambda r: report[r]["tokens_per_s"])
     assert report["best_baseline"] == best and report["best"] == ours  # the replica is a reference, not a baseline
     assert report["speedup_vs_best"] == report[ours]["tokens_per_s"] / report[best]["tokens_per_s"]
     assert report["initialize_vs_ours_t2"] == report["initialize_t2"]["tokens_per_s"] / report["ours_t2"]["tokens_per_s"]
