@@ -75,8 +75,8 @@ def _mixtral_100m_config(tokenizer) -> MixtralConfig:
     for benchmarks."""
     dims = {**_tiny_dims(tokenizer), "vocab_size": 32000}
     return MixtralConfig(hidden_size=512, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
-                         sliding_window=None, tie_word_embeddings=False, **dims)
+                         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=2048, sliding_window=None, tie_word_embeddings=False, **dims)
 
 
 def _tiny_gpt2_config(tokenizer) -> GPT2Config:
