@@ -62,9 +62,10 @@ def _timeless(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(UNTIMED) and not k.endswith(UNTIMED)}
 
 
-def check_golden(name: str, run_dir: Path) -> None:
-    """The run's metrics.jsonl equals golden/<name>.jsonl within 1e-6 on every key but timings and
-    memory; with DS_REALLOC_UPDATE_GOLDEN=1 the run's metrics become the golden file instead."""
+def check_golden(name: str, run_dir: Path, abs_tol: float = 1e-6) -> None:
+    """The run's metrics.jsonl equals golden/<name>.jsonl within 1e-6 relative or `abs_tol` on every
+    key but timings and memory; with DS_REALLOC_UPDATE_GOLDEN=1 the run's metrics become the golden
+    file instead."""
     import pytest
 
     rows = [_timeless(row) for row in metrics(run_dir)]
@@ -76,4 +77,4 @@ def check_golden(name: str, run_dir: Path) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in expected], name
     for got, want in zip(rows, expected):
         assert sorted(got) == sorted(want), (name, got["step"], set(got) ^ set(want))
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-6), (name, got["step"])
+        assert got == pytest.approx(want, rel=1e-6, abs=abs_tol), (name, got["step"])

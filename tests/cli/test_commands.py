@@ -92,7 +92,11 @@ def test_dpo_raises_the_implicit_reward_margin(tmp_path):
     assert abs(before["eval/actor/reward_margin"]) <= 1e-5
     assert after["eval/actor/reward_accuracy"] >= 0.9 and after["eval/actor/loss"] < 0.6
     assert after["eval/actor/reward_margin"] > 0.2
-    check_golden("dpo", out)
+    # The implicit rewards are beta x differences of sequence log-probs near -40, so the last-bit
+    # rounding differences between x86 machines (the SFT golden matches within 1.2e-7 on an AMX machine
+    # the goldens were not recorded on) do not cancel in them: 1.1e-5 apart there, and the gradient
+    # norm 4.7e-6; anything the code changes moves them by orders of magnitude more.
+    check_golden("dpo", out, abs_tol=5e-5)
 
 
 @pytest.mark.slow
