@@ -14,13 +14,15 @@ Section keys (DeepSpeed 0.19's, validated by DeepSpeed's own schema, so an unkno
 naming it): `inference_tp_size`; `release_inference_cache` (true: free the inference copy after each
 `generate`; false: keep it until the next optimizer step); `max_out_tokens` (prompt width + new
 tokens, at most); `pin_parameters` and `tp_gather_partition_size` (DeepSpeed's ZeRO-3 gathering
-knobs: nothing is gathered here, said once); `enable_cuda_graph` is accepted and, for now, has no
-effect (a warning says so).
+knobs: nothing is gathered here, said once); `enable_cuda_graph` (on CUDA each `generate` captures
+its decode step once as a CUDA graph and replays it, `models/generate.py`; elsewhere no effect, said
+once).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +50,7 @@ class HybridSettings:
     tp: int
     release_inference_cache: bool
     max_out_tokens: int
+    cuda_graph: bool = False
 
 
 def _config_dict(args, config, config_params) -> tuple[dict | None, str]:
@@ -77,12 +80,10 @@ def hybrid_settings(section: dict, where: str) -> HybridSettings:
         raise ConfigError(f"{where}: {problems}") from None
     for key in sorted(set(section) & set(_NO_MEANING)):
         logger.info("hybrid_engine.%s is accepted and has no effect in ds_realloc (%s)", key, _NO_MEANING[key])
-    if parsed.enable_cuda_graph:
-        logger.warning("hybrid_engine.enable_cuda_graph: ds_realloc decodes without CUDA graphs for now (the "
-                       "setting is accepted and has no effect)")
     if parsed.inference_tp_size < 1:
         raise ConfigError(f"{where}: hybrid_engine.inference_tp_size must be at least 1")
-    return HybridSettings(parsed.inference_tp_size, parsed.release_inference_cache, parsed.max_out_tokens)
+    return HybridSettings(parsed.inference_tp_size, parsed.release_inference_cache, parsed.max_out_tokens,
+                          parsed.enable_cuda_graph)
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -168,7 +169,8 @@ class HybridSurface:
         keep = None if self.hybrid_settings.release_inference_cache else self.global_steps
         with self.realloc.placed(self.inference_layout, keep) as placement:
             everyone = _group_prompts(prompts, placement.group)
-            out = generate(placement.model, [p for mine in everyone for p in mine], cfg, eos, pad)
+            out = generate(placement.model, [p for mine in everyone for p in mine],
+                           dataclasses.replace(cfg, cuda_graph=self.hybrid_settings.cuda_graph), eos, pad)
         first = sum(len(mine) for mine in everyone[:placement.group.index(dist.get_rank())])
         tokens, lengths = out.tokens[first:first + len(prompts)], out.lengths[first:first + len(prompts)]
         return torch.cat([ids, tokens[:, :int(lengths.max())]], 1).to(input_ids.device)

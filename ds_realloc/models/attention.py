@@ -19,8 +19,15 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
-    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new positions [start, start + T) and return the keys and values up to them."""
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions [start, start + T) and return the keys and values up to them. With
+        `start` a one-element tensor (a static-shape decode step, models/generate.py) write that slot
+        and return the whole cache: the step's mask hides the slots not written yet."""
+        if isinstance(start, torch.Tensor):
+            self.keys[layer].index_copy_(2, start, keys)
+            self.values[layer].index_copy_(2, start, values)
+            return self.keys[layer], self.values[layer]
         end = start + keys.shape[2]
         self.keys[layer, :, :, start:end] = keys
         self.values[layer, :, :, start:end] = values

@@ -10,6 +10,7 @@ reproduces a generation exactly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -18,6 +19,9 @@ import torch
 from ds_realloc.models.attention import KVCache, attention_mask, positions_of
 from ds_realloc.models.tp import TensorParallel, VocabShard, argmax, token_logprobs
 from ds_realloc.utils.config import invalid, option
+from ds_realloc.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -29,6 +33,8 @@ class GenerationConfig:
     top_k: int = option(0, "sample among the k most likely tokens (0 = all)")
     top_p: float = option(1.0, "sample among the smallest set of tokens with this probability mass")
     seed: int = option(0, "sampling seed (the same on every tensor-parallel rank)")
+    cuda_graph: bool = option(False, "on CUDA, capture the decode step of each generate call once as a CUDA graph "
+                                     "and replay it every step (dense models; elsewhere no effect, said once)")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -128,10 +134,58 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[to
     return ids, mask
 
 
+class StaticDecode:
+    """A decode step whose inputs live in fixed tensors and whose attention spans the whole cache (the
+    slots not written yet are masked out), so its shapes never change during a generate call. With
+    `graph` (CUDA) it is captured once as a CUDA graph - the weights and the cache stay where they are
+    for the call - and replayed every step, instead of launching every kernel of every layer again."""
+
+    def __init__(self, model, cache: KVCache, valid: torch.Tensor, graph: bool):
+        self.model, self.cache, self.valid = model, cache, valid
+        self.token = torch.zeros((valid.shape[0], 1), dtype=torch.long, device=valid.device)
+        self.position = torch.zeros_like(self.token)
+        self.slot = torch.zeros(1, dtype=torch.long, device=valid.device)
+        self.use_graph, self.graph, self.logits = graph, None, None
+
+    def _step(self) -> torch.Tensor:
+        mask = attention_mask(self.valid, self.slot, self.model.sliding_window)
+        return self.model.logits(self.model.hidden(self.token, self.position, mask, self.cache, self.slot)[:, -1])
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (allocator, library workspaces); rewrites the same slot alike
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        """This rank's logits [B, vocab shard] of the next token after `token` [B, 1] at cache slot `slot`."""
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.slot.fill_(slot)
+        if not self.use_graph:
+            return self._step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits.clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _say_no_cuda_graph(why: str) -> None:
+    logger.info("cuda_graph: %s; decoding without CUDA graphs", why)
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos_token_ids: Sequence[int],
-             pad_token_id: int) -> Generation:
-    """Continue every prompt (token ids) with up to `cfg.max_new_tokens` tokens."""
+             pad_token_id: int, static_decode: bool | None = None) -> Generation:
+    """Continue every prompt (token ids) with up to `cfg.max_new_tokens` tokens. Decoding runs the
+    model's dynamic-shape step, or with `cfg.cuda_graph` on CUDA a captured `StaticDecode`;
+    `static_decode` True runs `StaticDecode` eagerly anywhere (tests compare the two)."""
     device, batch = model.device, len(prompts)
     input_ids, prompt_mask = left_padded(prompts, pad_token_id)
     longest = input_ids.shape[1]
@@ -145,12 +199,17 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos
     hidden = model.hidden(input_ids, positions_of(valid[:, :longest]),
                           attention_mask(valid[:, :longest], torch.arange(longest, device=device), model.sliding_window),
                           cache, 0)
+    logits = model.logits(hidden[:, -1])
     next_positions = valid[:, :longest].sum(-1)
+    graph = cfg.cuda_graph and device.type == "cuda" and model.graphable
+    if cfg.cuda_graph and not graph:
+        _say_no_cuda_graph("not on CUDA" if device.type != "cuda" else
+                           "the model's steps change shape with the routing (mixture of experts)")
+    decode = StaticDecode(model, cache, valid, graph) if graph or static_decode else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs, masks = [], [], []
     temperature = policy_temperature(cfg)
     for step in range(cfg.max_new_tokens):
-        logits = model.logits(hidden[:, -1])
         allowed = logits
         if step < cfg.min_new_tokens:
             allowed = logits.clone()
@@ -166,9 +225,13 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, eos
             break
         slot = longest + step
         valid[:, slot] = True
+        if decode is not None:
+            logits = decode(token[:, None], (next_positions + step)[:, None], slot)
+            continue
         hidden = model.hidden(token[:, None], (next_positions + step)[:, None],
                               attention_mask(valid[:, :slot + 1], torch.tensor([slot], device=device),
                                              model.sliding_window), cache, slot)
+        logits = model.logits(hidden[:, -1])
     return Generation(torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(masks, 1).long())
 
 

@@ -23,6 +23,7 @@ class GPT2TP:
     """Forward passes of one tensor-parallel shard of a GPT-2 model."""
 
     ep = ExpertParallel()  # dense: no expert-parallel peers to keep in step with
+    graphable = True  # a decode step has the same kernels every step: CUDA graphs can replay it
 
     def __init__(self, config, weights: Mapping[str, torch.Tensor], tp: TensorParallel):
         self.config, self.w, self.tp = config, weights, tp

@@ -28,6 +28,7 @@ class InferenceModel(Protocol):
     sliding_window: int | None
     tp: TensorParallel
     ep: ExpertParallel
+    graphable: bool  # whether a decode step can be captured as a CUDA graph (models/generate.py)
     dtype: torch.dtype
     device: torch.device
 

@@ -22,6 +22,7 @@ from ds_realloc.models.llama import LlamaTP
 
 
 class MoETP(LlamaTP):
+    graphable = False  # the experts' token counts (and the exchange's sizes) change with the routing
     def __init__(self, config, weights, tp, ep: ExpertParallel = ExpertParallel()):
         super().__init__(config, weights, tp)
         self.experts = getattr(config, "num_local_experts", None) or config.num_experts

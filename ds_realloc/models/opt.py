@@ -28,6 +28,7 @@ class OPTTP:
     """Forward passes of one tensor-parallel shard of an OPT model."""
 
     ep = ExpertParallel()  # dense: no expert-parallel peers to keep in step with
+    graphable = True  # a decode step has the same kernels every step: CUDA graphs can replay it
 
     def __init__(self, config, weights: Mapping[str, torch.Tensor], tp: TensorParallel):
         self.config, self.w, self.tp = config, weights, tp
