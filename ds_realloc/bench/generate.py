@@ -46,6 +46,7 @@ class GenerateBenchConfig:
     dtype: Literal["fp32", "bf16"] = option("fp32", "parameter dtype")
     rows: str = option("", "comma-separated rows to run ('' = all)")
     repeats: int = option(1, "runs of every row, interleaved; each row reports its median run")
+    cuda_graph: bool = option(False, "ours decode with CUDA graphs (on CUDA; no effect elsewhere)")
     timeout_s: float = option(1800.0, "give up after this many seconds")
 
     def validate(self) -> None:
@@ -113,7 +114,8 @@ def _bench_rank(rank: int, world: int, cfg_dict: dict, row: str) -> dict:
     def run(new_tokens: int) -> tuple[int, float]:
         """The row's whole path from ZeRO-3 partitions to tokens; returns how many this rank reports
         and the reallocation time."""
-        greedy = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, greedy=True)
+        greedy = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, greedy=True,
+                                  cuda_graph=cfg.cuda_graph)
         mine = prompts[rank::world]
         with torch.no_grad():
             if row == "zero3_hf_generate":
@@ -155,7 +157,7 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
 
     resolve_model_path(cfg.model, field="model")
     report: dict = {"model": cfg.model, "nprocs": cfg.nprocs, "batch_size": cfg.batch_size,
-                    "new_tokens": cfg.new_tokens, "dtype": cfg.dtype}
+                    "new_tokens": cfg.new_tokens, "dtype": cfg.dtype, "cuda_graph": cfg.cuda_graph}
     skipped = {row: f"the model's heads do not split {cfg.nprocs} ways" for row in ("ours_t2", API)
                if not _tp_fits(cfg)}
     experts = _experts(cfg)

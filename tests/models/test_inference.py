@@ -9,7 +9,8 @@ IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11], [9, 8, 7, 6, 5, 4, 200, 201]
 MASK = torch.tensor([[1] * 8, [1] * 6 + [0, 0]])
 
 
-def _tp_model(preset: str, strategy: str, ranks: tuple[int, ...], value_head: bool = False, dtype=torch.float32):
+def _tp_model(preset: str, strategy: str, ranks: tuple[int, ...], value_head: bool = False, dtype=torch.float32,
+              device: str = "cpu"):
     """This rank's inference model for `strategy` on `ranks`, weights read from the checkpoint."""
     import torch.distributed as dist
     from transformers import AutoConfig
@@ -31,7 +32,7 @@ def _tp_model(preset: str, strategy: str, ranks: tuple[int, ...], value_head: bo
     tp = layout.strategy.tp
     group = group_of([layout.ranks[layout.strategy.index(dp, t, pp)] for t in range(tp)]) if tp > 1 else None
     prefix = "transformer" if config.model_type == "gpt2" else "model"
-    weights = load_shards(path, layout, rank, dtype, "cpu", prefix)
+    weights = load_shards(path, layout, rank, dtype, device, prefix)
     return path, config, inference_model(config, weights, TensorParallel(tp, tp_rank, group))
 
 
@@ -275,6 +276,24 @@ def test_cuda_graph_off_cuda_is_said_once_and_changes_nothing(caplog):
                             [config.eos_token_id], config.pad_token_id) for _ in range(2)]
     assert all(torch.equal(g.tokens, plain.tokens) for g in graphed)
     assert sum("cuda_graph: not on CUDA" in r.getMessage() for r in caplog.records) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+def test_cuda_graph_decoding_generates_what_eager_decoding_does_on_cuda(preset):
+    """On CUDA the captured and replayed decode step gives the eager path's tokens, greedy and sampled."""
+    import dataclasses
+
+    from ds_realloc.models.generate import GenerationConfig, generate
+
+    _, config, model = _tp_model(preset, "d1", (0,), device="cuda")
+    prompts = [[5, 17, 99, 3, 42], [7, 8], [250, 11, 12, 13, 14, 15, 16, 2], [9]]
+    for cfg in (GenerationConfig(max_new_tokens=16, greedy=True),
+                GenerationConfig(max_new_tokens=16, top_k=20, temperature=0.8, seed=3)):
+        eager, graphed = (generate(model, prompts, dataclasses.replace(cfg, cuda_graph=graph), [config.eos_token_id],
+                                   config.pad_token_id) for graph in (False, True))
+        assert torch.equal(eager.tokens, graphed.tokens) and torch.equal(eager.mask, graphed.mask), cfg
+        assert (eager.logprobs - graphed.logprobs).abs().max() < 1e-4, cfg
 
 
 def _hybrid_greedy(rank, world, max_new_tokens):
