@@ -152,15 +152,18 @@ def _bench_rank(rank: int, world: int, cfg_dict: dict, row: str) -> dict:
 
 
 def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
+    from transformers import AutoConfig
+
     from ds_realloc.models.presets import resolve_model_path
+    from ds_realloc.models.published import COUNT_KEYS
     from ds_realloc.utils.spawn import run_ranks
 
-    resolve_model_path(cfg.model, field="model")
     report: dict = {"model": cfg.model, "nprocs": cfg.nprocs, "batch_size": cfg.batch_size,
                     "new_tokens": cfg.new_tokens, "dtype": cfg.dtype, "cuda_graph": cfg.cuda_graph}
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
     skipped = {row: f"the model's heads do not split {cfg.nprocs} ways" for row in ("ours_t2", API)
-               if not _tp_fits(cfg)}
-    experts = _experts(cfg)
+               if not _tp_fits(cfg, config)}
+    experts = next((getattr(config, key) for key in COUNT_KEYS if getattr(config, key, None)), 0)
     if not experts or experts % cfg.nprocs:
         skipped["ours_e2"] = (f"{experts} experts do not split {cfg.nprocs} ways" if experts else
                               "not a mixture-of-experts model")
@@ -208,24 +211,10 @@ def _api_engine(path, train_config: dict, world: int):
     return engine
 
 
-def _experts(cfg: GenerateBenchConfig) -> int:
-    """Experts per sparse layer (0 for a dense model)."""
-    from transformers import AutoConfig
-
-    from ds_realloc.models.presets import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
-    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
-
-
-def _tp_fits(cfg: GenerateBenchConfig) -> bool:
-    from transformers import AutoConfig
-
+def _tp_fits(cfg: GenerateBenchConfig, config) -> bool:
     from ds_realloc.dataflow.generation import generation_layout
-    from ds_realloc.models.presets import resolve_model_path
     from ds_realloc.utils.errors import ConfigError
 
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, field="model"))
     try:
         generation_layout(cfg.nprocs, cfg.nprocs, config)
     except ConfigError:

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
+from ds_realloc.models.published import EXPERT_NAMES  # keyed by the MoE families
 
 
 class RouterLoss:
@@ -56,7 +56,7 @@ def router_loss_for(model: nn.Module, head: str, coef: float | None) -> RouterLo
     """A recorder for a trained language model with a router (`coef` None: the model config's
     `router_aux_loss_coef`), or None: a dense model, a scalar head (HF's MoE classifiers return no
     router loss) or a coefficient of 0."""
-    if head != "lm" or model.config.model_type not in MOE_MODEL_TYPES:
+    if head != "lm" or model.config.model_type not in EXPERT_NAMES:
         return None
     coef = model.config.router_aux_loss_coef if coef is None else coef
     return RouterLoss(model, coef) if coef > 0 else None

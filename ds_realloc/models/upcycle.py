@@ -39,14 +39,15 @@ def upcycle(dense: LlamaForCausalLM, experts: int, top_k: int, seed: int) -> Mix
     moe = MixtralForCausalLM(config).to(torch.float32)
     weights = {}
     generator = torch.Generator().manual_seed(seed)
-    for name, tensor in dense.state_dict().items():
+    state = dense.state_dict()
+    for name, tensor in state.items():
         layer_mlp = ".mlp." in name
         if not layer_mlp:
             weights[name] = tensor
             continue
         prefix = name.split(".mlp.")[0] + ".mlp."
         if name.endswith("gate_proj.weight"):
-            up = dense.state_dict()[prefix + "up_proj.weight"]
+            up = state[prefix + "up_proj.weight"]
             weights[prefix + "experts.gate_up_proj"] = torch.cat([tensor, up]).expand(experts, -1, -1).clone()
             router = torch.randn((experts, config.hidden_size), generator=generator) * ROUTER_STD
             weights[prefix + "gate.weight"] = router.to(tensor.dtype)
