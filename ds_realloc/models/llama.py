@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
@@ -24,6 +23,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbed
 
 from ds_realloc.models.attention import KVCache, attend
 from ds_realloc.models.experts import ExpertParallel
+from ds_realloc.models.linear import linear
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, row_parallel, vocab_embedding
 
 _ROTARY = {"llama": LlamaRotaryEmbedding, "mistral": MistralRotaryEmbedding, "qwen2": Qwen2RotaryEmbedding,
@@ -62,7 +62,7 @@ class LlamaTP:
         w, p = self.w, f"model.layers.{i}."
         batch, length, _ = x.shape
         h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
-        qkv = F.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
+        qkv = linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
         q, k = q.view(batch, length, self.heads, self.head_dim), k.view(batch, length, self.kv_heads, self.head_dim)
@@ -80,7 +80,7 @@ class LlamaTP:
 
     def _mlp(self, p: str, h: torch.Tensor) -> torch.Tensor:
         """The layer's feed-forward block on normalised inputs (a gated MLP; row parallel, all-reduced)."""
-        gate, up = F.linear(h, self.w[p + "mlp.gate_up_proj.weight"]).chunk(2, dim=-1)
+        gate, up = linear(h, self.w[p + "mlp.gate_up_proj.weight"]).chunk(2, dim=-1)
         return row_parallel(self.act(gate) * up, self.w[p + "mlp.down_proj.weight"], None, self.tp)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -99,4 +99,4 @@ class LlamaTP:
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """Per-token scalar values [B, T] of a critic / reward model (`score` head, replicated)."""
-        return F.linear(hidden, self.w["score.weight"]).squeeze(-1).float()
+        return linear(hidden, self.w["score.weight"]).squeeze(-1).float()

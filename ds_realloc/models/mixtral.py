@@ -15,9 +15,9 @@ other ranks for the rest (models/experts.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ds_realloc.models.experts import ExpertParallel, mixture
+from ds_realloc.models.linear import linear
 from ds_realloc.models.llama import LlamaTP
 
 
@@ -31,7 +31,7 @@ class MoETP(LlamaTP):
 
     def route(self, p: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k experts [tokens, k] of each token and their (renormalised) weights (fp32)."""
-        probs = F.linear(h, self.w[p + "mlp.gate.weight"]).float().softmax(-1)
+        probs = linear(h, self.w[p + "mlp.gate.weight"]).float().softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         return experts, weights / weights.sum(-1, keepdim=True) if self.renormalise else weights
 
@@ -44,7 +44,7 @@ class MoETP(LlamaTP):
         gate_up, down = self.w[p + "mlp.experts.gate_up_proj"], self.w[p + "mlp.experts.down_proj"]
 
         def expert(index: int, x: torch.Tensor) -> torch.Tensor:
-            gate, up = F.linear(x, gate_up[index]).chunk(2, dim=-1)
-            return F.linear(self.act(gate) * up, down[index])
+            gate, up = linear(x, gate_up[index]).chunk(2, dim=-1)
+            return linear(self.act(gate) * up, down[index])
 
         return self.tp.all_reduce(mixture(h, experts, weights, self.experts, self.ep, expert)).reshape(shape)

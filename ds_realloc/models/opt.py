@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 
 from ds_realloc.models.attention import KVCache, attend
 from ds_realloc.models.experts import ExpertParallel
+from ds_realloc.models.linear import linear
 from ds_realloc.models.tp import TensorParallel, VocabShard, local_logits, row_parallel, vocab_embedding
 
 _D = "model.decoder."
@@ -50,7 +51,7 @@ class OPTTP:
         w, p = self.w, f"{_D}layers.{i}."
         batch, length, _ = x.shape
         h = self._norm(x, p + "self_attn_layer_norm") if self.pre_norm else x
-        qkv = F.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
+        qkv = linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
         q, k, v = (t.view(batch, length, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         q = q * self.head_dim ** -0.5
         if cache is not None:
@@ -60,7 +61,7 @@ class OPTTP:
         if not self.pre_norm:
             x = self._norm(x, p + "self_attn_layer_norm")
         h = self._norm(x, p + "final_layer_norm") if self.pre_norm else x
-        h = self.act(F.linear(h, w[p + "fc1.weight"], w.get(p + "fc1.bias")))
+        h = self.act(linear(h, w[p + "fc1.weight"], w.get(p + "fc1.bias")))
         x = x + row_parallel(h, w[p + "fc2.weight"], w.get(p + "fc2.bias"), self.tp)
         return x if self.pre_norm else self._norm(x, p + "final_layer_norm")
 
@@ -69,14 +70,14 @@ class OPTTP:
         """Final hidden states [B, T, word_embed_proj_dim] (what the LM head reads)."""
         x = vocab_embedding(input_ids, self.w[_D + "embed_tokens.weight"], self.vocab, self.tp)
         if _D + "project_in.weight" in self.w:
-            x = F.linear(x, self.w[_D + "project_in.weight"])
+            x = linear(x, self.w[_D + "project_in.weight"])
         x = x + F.embedding(positions + _POSITION_OFFSET, self.w[_D + "embed_positions.weight"])
         for i in range(self.num_layers):
             x = self._layer(i, x, mask, cache, start)
         if self.final_norm:
             x = self._norm(x, _D + "final_layer_norm")
         if _D + "project_out.weight" in self.w:
-            x = F.linear(x, self.w[_D + "project_out.weight"])
+            x = linear(x, self.w[_D + "project_out.weight"])
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -84,4 +85,4 @@ class OPTTP:
         return local_logits(hidden, head, self.vocab)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.w["score.weight"]).squeeze(-1).float()
+        return linear(hidden, self.w["score.weight"]).squeeze(-1).float()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ds_realloc.comm import shm
+from ds_realloc.models.linear import linear
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class TensorParallel:
 
 def row_parallel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallel) -> torch.Tensor:
     """y = sum over tp ranks of x_k @ W_k^T, then the (replicated) bias."""
-    y = tp.all_reduce(F.linear(x, weight))
+    y = tp.all_reduce(linear(x, weight))
     return y if bias is None else y + bias
 
 
@@ -92,7 +93,7 @@ def vocab_embedding(ids: torch.Tensor, table: torch.Tensor, shard: VocabShard, t
 
 def local_logits(hidden: torch.Tensor, head: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """This rank's slice of the logits, fp32, with the padding rows of the last shard at -inf."""
-    logits = F.linear(hidden, head).float()
+    logits = linear(hidden, head).float()
     if shard.valid < shard.rows:
         logits[..., shard.valid:] = float("-inf")
     return logits

@@ -1,0 +1,34 @@
+"""The few-row linear: F.linear's product whichever way it is computed, chosen by shape alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_realloc.models import linear as lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [4, 8, 16, 32, 48])
+def test_the_product_matches_f_linear(rows, dtype):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(3072, 256, generator=g).to(dtype)  # 3 * 2^18 elements
+    bias = torch.randn(3072, generator=g).to(dtype)
+    x = torch.randn(rows // 2, 2, 256, generator=g).to(dtype)
+    assert lin.uses_transposed(x, weight) == (8 <= rows <= 32)
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    y = lin.linear(x, weight, bias)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.shape == (rows // 2, 2, 3072) and y.dtype == dtype and y.is_contiguous()
+    assert torch.allclose(y.double(), expected, rtol=tol, atol=tol * 16)
+
+
+def test_small_weights_and_gradients_take_f_linear_exactly():
+    small, big = torch.randn(3071, 256), torch.randn(3072, 256)
+    x = torch.randn(16, 256)
+    assert not lin.uses_transposed(x, small) and torch.equal(lin.linear(x, small), F.linear(x, small))
+    wanted = torch.randn(16, 256, requires_grad=True)
+    assert not lin.uses_transposed(wanted, big)
+    lin.linear(wanted, big).sum().backward()
+    assert torch.allclose(wanted.grad, big.sum(0).expand(16, -1), atol=1e-4)
+    with torch.no_grad():
+        assert lin.uses_transposed(wanted, big)
