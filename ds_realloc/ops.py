@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,33 @@ _FAILED: dict[tuple[str, str], str] = {}
 
 def ops_disabled() -> bool:
     return os.environ.get("DS_REALLOC_DISABLE_OPS", "0") not in ("", "0")
+
+
+STALE_LOCK_S = 300.0  # a JIT build takes ~30 s (CPU) to a few minutes (CUDA); an older lock outlived its build
+
+
+def _build_lock(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False)) / "lock"
+
+
+def wait_for_build_lock(name: str, poll_s: float = 0.5) -> None:
+    """Wait while another process builds `name`, but not forever: torch waits without limit on the lock
+    file of a build, and a build killed midway (Ctrl-C, a stopped job) leaves it behind, so every later
+    run would hang. A lock older than STALE_LOCK_S is removed with a warning and this process builds."""
+    lock = _build_lock(name)
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            warnings.warn(f"removing the stale build lock {lock} ({age:.0f} s old, left by a build that did not "
+                          f"finish); building {name} here", RuntimeWarning, stacklevel=2)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
 
 
 def kernel(op: str, device_type: str = "cpu"):
@@ -42,6 +71,7 @@ def kernel(op: str, device_type: str = "cpu"):
             if key not in _LOADED:
                 if not builder.is_compatible():
                     raise RuntimeError("not compatible with this machine")
+                wait_for_build_lock(builder.name)
                 _LOADED[key] = builder.load(verbose=False)
         except Exception as error:  # noqa: BLE001 - any build failure means: use the reference
             _FAILED[key] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -184,3 +184,23 @@ def test_ops_benchmark_measures_interval_copy_against_every_torch_way():
     for row in (regular, irregular):
         assert row["reference_s"] == min(row["baselines_s"].values()) == row["baselines_s"][row["best_baseline"]]
         assert row["speedup_vs_best"] == row["reference_s"] / row["ours_s"]
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
+    """A build killed midway leaves torch's lock file behind, on which torch would wait forever."""
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    monkeypatch.setattr(ops, "_build_lock", lambda name: lock)
+    lock.touch()
+    old = time.time() - ops.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        ops.wait_for_build_lock("x")
+    assert not lock.exists()
+    lock.touch()  # another process is building: wait until it is done
+    threading.Timer(0.3, lock.unlink).start()
+    began = time.perf_counter()
+    ops.wait_for_build_lock("x", poll_s=0.05)
+    assert 0.25 < time.perf_counter() - began < 5 and not lock.exists()
