@@ -28,6 +28,10 @@ commands (each runs with no arguments on the embedded default model and task):
 tools:
   prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
   plan-stats [key=value ...]  traffic of a reallocation plan for any model size and layouts (no processes)
+  profile [ranks=N] [out=FILE.json]   measure this machine into a device profile for the planner
+  plan <command> [key=value ...] [world=N gpus_per_node=G device=h100|h200|a100|PROFILE.json] [--json]
+                              the planner's allocations for a command on a cluster, with predicted times and
+                              memory, against DeepSpeed-Chat's and OpenRLHF's placements (no processes)
   bench <name> [key=value ...] [--json]   benchmarks against a named baseline: {benchmarks}
   ops [--json]                the op_builder kernels: compatible here, built, loaded, from where
 
@@ -229,6 +233,49 @@ def _plan_stats(args: Sequence[str]) -> int:
     return 0
 
 
+def _plan(args: Sequence[str]) -> int:
+    import json
+
+    from ds_realloc.dataflow.catalog import find_experiment
+    from ds_realloc.planner.report import PLAN_FIELDS, PlanConfig, format_plan, plan_report
+    from ds_realloc.utils.config import load_config
+
+    if not args or args[0].startswith("-"):
+        if "--help" in args or "-h" in args:
+            _tool_help("plan <command>", PlanConfig, "the planner's allocations for a command (no processes)")
+            return 0
+        raise UserError("plan needs a command to plan, e.g. ds-realloc plan ppo world=8 device=h100")
+    experiment = find_experiment(args[0])
+    if "--help" in args[1:] or "-h" in args[1:]:
+        _tool_help(f"plan {args[0]}", PlanConfig, "the planner's allocations for a command (no processes); any "
+                   f"field of `ds-realloc {args[0]} --help` may be set too")
+        return 0
+    rest = [a for a in args[1:] if a != "--json"]
+    ours = [a.lstrip("-") for a in rest if a.lstrip("-").partition("=")[0] in PLAN_FIELDS]
+    theirs = [a for a in rest if a.lstrip("-").partition("=")[0] not in PLAN_FIELDS]
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep stdout the report's
+        report = plan_report(experiment, parse_run_args(experiment.config_cls, theirs),
+                             load_config(PlanConfig, None, ours))
+    print(json.dumps(report, indent=2) if "--json" in args else format_plan(report))
+    return 0
+
+
+def _profile(args: Sequence[str]) -> int:
+    import json
+
+    from ds_realloc.planner.measure import ProfileConfig, main
+    from ds_realloc.utils.config import load_config
+
+    if "--help" in args or "-h" in args:
+        _tool_help("profile", ProfileConfig, "measure this machine into a device profile for the planner")
+        return 0
+    data = main(load_config(ProfileConfig, None, [a for a in args if a != "--json"]))
+    print(json.dumps(data, indent=2))
+    return 0
+
+
 def _prepare_model(args: Sequence[str]) -> int:
     from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
 
@@ -254,7 +301,8 @@ def _ops(args: Sequence[str]) -> int:
     return 0
 
 
-TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "bench": _bench, "ops": _ops}
+TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "plan": _plan, "profile": _profile, "bench": _bench,
+         "ops": _ops}
 
 
 def commands() -> dict[str, Callable[[Sequence[str]], int]]:

@@ -74,6 +74,11 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     raise ConfigError(f"the model config has none of the fields {', '.join(names)}")
 
 
+def config_field(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` an HF config (object or dict) sets, else `default` (an error naming them when None)."""
+    return _get(config, *names, default=default)
+
+
 QK_NORM_FAMILIES = ("qwen3_moe",)  # attention that RMS-normalises each head's q and k before RoPE
 
 

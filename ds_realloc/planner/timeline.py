@@ -1,0 +1,66 @@
+"""Timelines as pictures: one lane per rank, one box per operation (an MFC's call, its reallocation,
+a batch move), as SVG: the view of a step users would rather look at than read.
+
+The same drawing serves the simulator's prediction (`simulate.Timeline`) and a real run's measured
+spans, side by side when both are given.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Sequence
+
+from ds_realloc.planner.simulate import CALL, MOVE, REALLOC, Span
+
+LANE = 22  # pixels per rank
+WIDTH = 900  # pixels for the longest timeline
+LEFT = 70  # room for the lane labels
+_PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
+
+
+def _color(mfc: str, names: list[str], kind: str) -> str:
+    if kind == MOVE:
+        return "#bab0ac"
+    base = _PALETTE[names.index(mfc) % len(_PALETTE)]
+    return base if kind == CALL else base + "88"  # a reallocation: the call's colour, translucent
+
+
+def _panel(spans: Sequence[Span], world: int, title: str, top: int, scale: float, names: list[str]) -> list[str]:
+    out = [f'<text x="4" y="{top - 6}" font-weight="bold">{escape(title)}</text>']
+    for rank in range(world):
+        y = top + rank * LANE
+        out.append(f'<text x="4" y="{y + 15}">rank {rank}</text>')
+        out.append(f'<line x1="{LEFT}" y1="{y + LANE - 1}" x2="{LEFT + WIDTH}" y2="{y + LANE - 1}" stroke="#eee"/>')
+    for s in spans:
+        x, w = LEFT + s.start * scale, max(1.0, (s.end - s.start) * scale)
+        y = top + s.rank * LANE + 2
+        label = s.name if w > 7 * len(s.name) else ""
+        out.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{LANE - 5}" '
+                   f'fill="{_color(s.mfc, names, s.kind)}"><title>{escape(s.name)} on rank {s.rank}: '
+                   f'{s.start:.3f}-{s.end:.3f} s</title></rect>')
+        if label:
+            out.append(f'<text x="{x + 3:.1f}" y="{y + 13}" font-size="11" fill="white">{escape(label)}</text>')
+    return out
+
+
+def timeline_svg(panels: Sequence[tuple[str, Sequence[Span]]], world: int) -> str:
+    """An SVG of one or more timelines (title, spans) over the same ranks and time scale."""
+    end = max((s.end for _, spans in panels for s in spans), default=0.0) or 1.0
+    scale = WIDTH / end
+    names: list[str] = []
+    for _, spans in panels:
+        for s in spans:
+            if s.mfc not in names:
+                names.append(s.mfc)
+    body, top = [], 24
+    for title, spans in panels:
+        body += _panel(spans, world, f"{title} ({max((s.end for s in spans), default=0.0):.3f} s)", top, scale, names)
+        top += world * LANE + 34
+    ticks = [f'<text x="{LEFT + WIDTH * f:.0f}" y="{top - 14}" font-size="10">{end * f:.2f} s</text>'
+             for f in (0, 0.25, 0.5, 0.75, 1.0)]
+    legend = [f'<text x="{LEFT + 120 * i}" y="{top + 6}" font-size="11" fill="{_color(n, names, CALL)}">{escape(n)}'
+              f'</text>' for i, n in enumerate(names[:7])]
+    legend.append(f'<text x="{LEFT}" y="{top + 22}" font-size="10">translucent: {REALLOC}; grey: {MOVE}</text>')
+    height = top + 30
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{LEFT + WIDTH + 60}" height="{height}" '
+            f'font-family="sans-serif" font-size="12">' + "".join(body + ticks + legend) + "</svg>\n")
