@@ -253,11 +253,7 @@ def _plan(args: Sequence[str]) -> int:
     rest = [a for a in args[1:] if a != "--json"]
     ours = [a.lstrip("-") for a in rest if a.lstrip("-").partition("=")[0] in PLAN_FIELDS]
     theirs = [a for a in rest if a.lstrip("-").partition("=")[0] not in PLAN_FIELDS]
-    import contextlib
-
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep stdout the report's
-        report = plan_report(experiment, parse_run_args(experiment.config_cls, theirs),
-                             load_config(PlanConfig, None, ours))
+    report = plan_report(experiment, parse_run_args(experiment.config_cls, theirs), load_config(PlanConfig, None, ours))
     print(json.dumps(report, indent=2) if "--json" in args else format_plan(report))
     return 0
 
@@ -325,6 +321,16 @@ def _without_local_rank(argv: list[str]) -> list[str]:
     return kept
 
 
+def _deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to the stdout of its import (e.g. 'Setting accelerator to CPU'); importing
+    it with stdout pointed at stderr keeps a --json command's stdout the JSON alone."""
+    import contextlib
+    import importlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        importlib.import_module("deepspeed.utils.logging")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = _without_local_rank(list(sys.argv[1:] if argv is None else argv))
     # DeepSpeed calls collectives that torch >= 2.13 renamed; the warnings are not ours to act on.
@@ -334,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(USAGE.format(commands=listing, benchmarks=", ".join(_benchmarks())))
         sys.exit(0 if argv else 2)
     command, args = argv[0], argv[1:]
+    if "--json" in args:
+        _deepspeed_logs_to_stderr()
     try:
         table = commands()
         if command not in table and ":" in command:

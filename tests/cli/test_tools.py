@@ -89,3 +89,13 @@ def test_rlhf_benchmark_reports_both_placements(tmp_path):
     assert "actor_gen" not in report["colocated"]["realloc_recv_bytes"]  # DeepSpeed-Chat's mechanism moves nothing
     assert report["best_baseline"] == "colocated" and report["speedup_vs_best"] == report["speedup"]
     assert report["speedup"] == report["ours"]["samples_per_s"] / report["colocated"]["samples_per_s"]
+
+
+def test_json_output_is_json_alone_in_a_fresh_process(tmp_path):
+    """DeepSpeed logs 'Setting accelerator to CPU' to the stdout of its import; a --json command's stdout
+    must still parse (piped to jq, read by a script)."""
+    for args in (["ops", "--json"], ["plan", "grpo", "model.path=llama-7b", "world=4", "gpus_per_node=4",
+                                     "iterations=300", "--json"]):
+        result = run_cli(args, tmp_path, 300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        json.loads(result.stdout)
