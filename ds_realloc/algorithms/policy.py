@@ -71,7 +71,8 @@ class PolicyConfig:
         "gae", "advantage estimator: gae (critic), grpo / dr_grpo (group-normalised), rloo (leave-one-out), "
                "remax (greedy baseline)")
     # rollout is the default of ppo and grpo by measurement (held-out gain per wall-minute, two seeds each):
-    # ppo 6.2 vs 4.5 points/min, grpo 8.9 vs 6.4 (README, "Choosing old_logprobs")
+    # grpo 9.1 vs 8.2 points/min; ppo 5.1 vs 7.4, within rollout's seed spread (13.2): a tie, to the cheaper
+    # mode (README, "Choosing old_logprobs")
     old_logprobs: Literal["recompute", "rollout"] = option(
         "rollout", "the old policy's log-probs (and the critic's old values): recompute = score the rollout "
                    "with the training engine before the update (MFCs actor_logp / critic_values; ratio exactly 1 at "

@@ -16,10 +16,13 @@ anything that needs a gradient go straight to F.linear.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 MIN_WEIGHT = 3 << 18
 ROWS = (8, 32)
+# torch's own linear: DeepSpeed ZeRO-3 replaces torch.nn.functional.linear process-wide with an autograd
+# Function (LinearFunctionForZeroStage3, to save activation memory in training), which only adds Python
+# overhead to the inference modules' calls (~30 us each, measured in a decode step profile)
+_native_linear = torch._C._nn.linear
 
 
 def uses_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -33,7 +36,7 @@ def uses_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T + bias, by the faster of the two products for this shape (see the module doc)."""
     if not uses_transposed(x, weight):
-        return F.linear(x, weight, bias)
+        return _native_linear(x, weight, bias)
     y = (weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous()
     if bias is not None:
         y += bias

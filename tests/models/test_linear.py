@@ -32,3 +32,15 @@ def test_small_weights_and_gradients_take_f_linear_exactly():
     assert torch.allclose(wanted.grad, big.sum(0).expand(16, -1), atol=1e-4)
     with torch.no_grad():
         assert lin.uses_transposed(wanted, big)
+
+
+def test_a_process_wide_replacement_of_f_linear_is_not_taken(monkeypatch):
+    """DeepSpeed ZeRO-3 swaps torch.nn.functional.linear for an autograd Function; inference calls skip it."""
+    x, small = torch.randn(4, 64), torch.randn(32, 64)
+    expected = F.linear(x, small)
+
+    def patched(*args, **kwargs):
+        raise AssertionError("the replaced F.linear was called")
+
+    monkeypatch.setattr(torch.nn.functional, "linear", patched)
+    assert torch.equal(lin.linear(x, small), expected)
