@@ -414,6 +414,17 @@ class Evaluator:
         return estimate.step_s
 
 
+def with_scores(mfcs: Sequence[MFC], choices: Mapping[str, Choice]) -> dict[str, Choice]:
+    """`choices` with every SCORE call on its trainer's allocation (it runs on that engine)."""
+    trainer = {m.role: m.name for m in mfcs if m.kind is MFCKind.TRAIN}
+    out = dict(choices)
+    for m in mfcs:
+        if m.kind is MFCKind.SCORE:
+            t = choices[trainer[m.role]]
+            out[m.name] = Choice(Allocation(m, t.allocation.mesh, t.allocation.strategy), t.train)
+    return out
+
+
 def estimate_step(mfcs: Sequence[MFC], allocations: Mapping[str, Allocation], roles: Mapping[str, RoleModel],
                   work: Workload, train: Mapping[str, TrainSetting], profile: DeviceProfile, world: int,
                   on_engine: frozenset = frozenset()) -> Estimate:

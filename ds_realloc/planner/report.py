@@ -26,7 +26,7 @@ from ds_realloc.layout.model import NAMED_CONFIGS, model_spec
 from ds_realloc.planner import cost
 from ds_realloc.planner.cost import ModelShape
 from ds_realloc.planner.estimate import (DEEPSPEED_CHAT, OPENRLHF, Choice, Estimate, Evaluator, RoleModel,
-                                         TrainSetting, Workload)
+                                         TrainSetting, Workload, with_scores)
 from ds_realloc.planner.profile import DeviceProfile, load_profile
 from ds_realloc.planner.search import Plan, search
 from ds_realloc.utils.config import invalid, option
@@ -99,16 +99,6 @@ def planning_inputs(experiment: Experiment, cfg, pcfg: PlanConfig):
     return mfcs, roles, work, default, sorted(set(fixed)), base
 
 
-def _with_scores(mfcs, choices: dict[str, Choice]) -> dict[str, Choice]:
-    trainer = {m.role: m.name for m in mfcs if m.kind is MFCKind.TRAIN}
-    out = dict(choices)
-    for m in mfcs:
-        if m.kind is MFCKind.SCORE:
-            t = choices[trainer[m.role]]
-            out[m.name] = Choice(Allocation(m, t.allocation.mesh, t.allocation.strategy), t.train)
-    return out
-
-
 def _on(mfc: MFC, mesh: DeviceMesh, train: TrainSetting | None, tp: int = 1) -> Choice:
     if mfc.kind is MFCKind.TRAIN:
         return Choice(Allocation(mfc, mesh, Strategy(dp=mesh.size, zero3=train.zero_stage == 3)), train)
@@ -119,7 +109,7 @@ def deepspeed_chat_plan(mfcs, work: Workload, world: int, base: TrainSetting) ->
     everyone = DeviceMesh(tuple(range(world)))
     micro = max(1, min(base.micro_batch, work.rows // (world * work.minibatches)))
     train = dataclasses.replace(base, zero_stage=3, micro_batch=micro)
-    return _with_scores(mfcs, {m.name: _on(m, everyone, train) for m in mfcs if m.kind is not MFCKind.SCORE})
+    return with_scores(mfcs, {m.name: _on(m, everyone, train) for m in mfcs if m.kind is not MFCKind.SCORE})
 
 
 def _power_of_two_at_most(n: int) -> int:
@@ -162,7 +152,7 @@ def openrlhf_plan(mfcs, roles: Mapping[str, RoleModel], work: Workload, profile:
         train = dataclasses.replace(base, micro_batch=max(1, min(base.micro_batch, rows))) \
             if m.kind is MFCKind.TRAIN else None
         choices[m.name] = _on(m, mesh, train)
-    choices = _with_scores(mfcs, choices)
+    choices = with_scores(mfcs, choices)
     generation = [m for m in mfcs if m.kind is MFCKind.GENERATE]
     for m in generation:  # its engines' tensor parallelism: the fastest that fits, as a user would tune it
         options = [tp for tp in (1, 2, 4, 8) if tp <= min(gen_mesh.size, profile.gpus_per_node)

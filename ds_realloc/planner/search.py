@@ -23,7 +23,8 @@ from ds_realloc.dataflow.mfc import MFC, MFCKind
 from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.planner import cost
-from ds_realloc.planner.estimate import Choice, Estimate, Evaluator, RoleModel, TrainSetting, Workload
+from ds_realloc.planner.estimate import (Choice, Estimate, Evaluator, RoleModel, TrainSetting, Workload,
+                                         with_scores)
 from ds_realloc.planner.profile import DeviceProfile
 from ds_realloc.utils.errors import ConfigError
 
@@ -174,18 +175,8 @@ def search(mfcs: Sequence[MFC], roles: Mapping[str, RoleModel], work: Workload, 
     names = list(options)
     frozen = {n: c for n, c in default.items() if n not in options}
 
-    def with_scores(choices: dict[str, Choice]) -> dict[str, Choice]:
-        """SCORE calls run on their trainer's allocation."""
-        out = dict(choices)
-        for mfc in mfcs:
-            if mfc.kind is MFCKind.SCORE:
-                trainer = choices[evaluator.trainer[mfc.role]]
-                out[mfc.name] = Choice(Allocation(mfc, trainer.allocation.mesh, trainer.allocation.strategy),
-                                       trainer.train)
-        return out
-
     def plan_of(state: Mapping[str, int]) -> dict[str, Choice]:
-        return with_scores({**frozen, **{n: options[n][state[n]] for n in names}})
+        return with_scores(mfcs, {**frozen, **{n: options[n][state[n]] for n in names}})
 
     sizes = {n: len(options[n]) for n in names}
 
