@@ -55,7 +55,8 @@ def _experiment_command(experiment) -> DistributedCommand:
 
         plan = plan_run(experiment, cfg, nprocs, weights_free=dry_run)
         return (f"{plan.settings.geometry.rows} rows per step on {nprocs} ranks; " +
-                "; ".join(f"{name} {placement_label(a, cfg.engine.zero_stage)}" for name, a in plan.allocations.items()))
+                "; ".join(f"{name} {placement_label(a, a.zero_stage if a.zero_stage is not None else cfg.engine.zero_stage)}"
+                          for name, a in plan.allocations.items()))
 
     def run(cfg):
         from ds_realloc.dataflow.runner import run_experiment

@@ -9,7 +9,7 @@ update's split and the recompute's, which must pad each micro-batch alike), so t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ds_realloc.utils.errors import ConfigError
 
@@ -49,6 +49,10 @@ class StepGeometry:
         """Optimizer steps per training step."""
         return self.epochs * self.minibatches
 
+    def with_micro_batch(self, micro_batch_size: int | None) -> "StepGeometry":
+        """The geometry of an engine with its own micro-batch size (None: this one's)."""
+        return self if micro_batch_size is None else replace(self, micro_batch_size=micro_batch_size)
+
     def minibatch_rows(self, dp: int) -> int:
         return self.rows // dp // self.minibatches
 
@@ -60,11 +64,11 @@ class StepGeometry:
         """Forwards per optimizer step on each of `dp` ranks."""
         return max(self.minibatch_rows(dp) // self.micro_batch(dp), 1)
 
-    def check(self, mfc: str, dp: int) -> None:
+    def check(self, mfc: str, dp: int, micro_field: str = "train.micro_batch_size") -> None:
         """Every one of `dp` training ranks splits its rows into whole minibatches of whole micro-batches."""
         per_rank = self.rows // dp
         if per_rank % self.minibatches or self.minibatch_rows(dp) % self.micro_batch(dp):
             split = f" x {self.minibatches} algo.minibatches" if self.minibatches > 1 else ""
             sequences = f" ({self.rows} sequences)" if self.rows != self.prompts else ""
             raise ConfigError(f"allocations.{mfc}: train.batch_size={self.prompts}{sequences} is not divisible by "
-                              f"train.micro_batch_size={self.micro_batch_size} x {dp} data-parallel ranks{split}")
+                              f"{micro_field}={self.micro_batch_size} x {dp} data-parallel ranks{split}")

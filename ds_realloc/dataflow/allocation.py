@@ -8,8 +8,10 @@ on its own equal, contiguous share of the ranks, so the trainings run at the sam
 one after the other (ReaLHF's observation: two half-size data-parallel groups side by side beat
 two full-world ones in turn, as each moves half the gradient traffic).
 Training MFCs run DeepSpeed ZeRO data parallel over their mesh (`zero3` or `d<n>`: the strategy
-names the mesh's data parallelism, `engine.zero_stage` the ZeRO stage); generate and inference
-MFCs run on `d<dp>t<tp>` layouts.
+names the mesh's data parallelism; the ZeRO stage is `allocations.<mfc>.zero_stage`, else
+`engine.zero_stage`, and the rows per forward `allocations.<mfc>.micro_batch_size`, else
+`train.micro_batch_size`); generate and inference MFCs run on `d<dp>t<tp>` layouts. A scoring call
+on a training engine (the recompute of old log-probs or values) shares its trainer's settings.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class AllocationConfig:
     strategy: str = option("", "d<dp>t<tp> for generate / inference calls (e<ep>: experts of an MoE model split "
                                "over data-parallel ranks, e.g. d2e2); zero3, zero3:d<dp> or d<n> for training "
                                "('' = the default)")
+    zero_stage: int = option(-1, "training MFCs: this engine's DeepSpeed ZeRO stage 0-3 (-1 = engine.zero_stage)")
+    micro_batch_size: int = option(0, "training MFCs: samples per rank per forward of this engine "
+                                      "(0 = train.micro_batch_size)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Allocation:
     mfc: MFC
     mesh: DeviceMesh
     strategy: Strategy
+    zero_stage: int | None = None  # training engines: set per MFC (None = engine.zero_stage)
+    micro_batch_size: int | None = None  # training engines: set per MFC (None = train.micro_batch_size)
 
     @property
     def dp_groups(self) -> tuple[tuple[int, ...], ...]:
@@ -64,6 +71,22 @@ def _strategy(mfc: MFC, text: str, mesh: DeviceMesh, where: str) -> Strategy:
     elif strategy.zero3 or strategy.pp != 1:
         raise ConfigError(f"{where}: {mfc.kind.value} calls run on d<dp>t<tp> layouts, got {text}")
     return strategy
+
+
+def _engine_settings(mfc: MFC, config: AllocationConfig, where: str) -> tuple[int | None, int | None]:
+    """The per-MFC ZeRO stage and micro-batch size of a training MFC (None where unset)."""
+    stage, micro = config.zero_stage, config.micro_batch_size
+    if mfc.kind is not MFCKind.TRAIN:
+        for name, value, unset in (("zero_stage", stage, -1), ("micro_batch_size", micro, 0)):
+            if value != unset:
+                raise ConfigError(f"{where}.{name}: only training MFCs run a DeepSpeed engine; {mfc.name} is a "
+                                  f"{mfc.kind.value} call")
+        return None, None
+    if stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3 (or -1: engine.zero_stage), got {stage}")
+    if micro < 0:
+        raise ConfigError(f"{where}.micro_batch_size: must be at least 1 (or 0: train.micro_batch_size), got {micro}")
+    return (None if stage == -1 else stage), (micro or None)
 
 
 def default_train_meshes(train_mfcs: Sequence[str], world: int) -> dict[str, DeviceMesh]:
@@ -105,7 +128,7 @@ def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc
         if not has_model and (strategy.tp > 1 or strategy.ep > 1):
             raise ConfigError(f"{field}: {mfc.name} runs no model, so it has no tensor or expert parallelism; "
                               f"use d{mesh.size}")
-        allocation = Allocation(mfc, mesh, strategy)
+        allocation = Allocation(mfc, mesh, strategy, *_engine_settings(mfc, config, where))
         groups = len(allocation.dp_groups)
         if rows % groups:
             raise ConfigError(f"{where}: {groups} data-parallel groups do not divide the {rows} samples of a step "
@@ -124,5 +147,6 @@ def resolve_allocations(mfcs: Sequence[MFC], world: int, shorthand: str, per_mfc
             raise ConfigError(f"allocations.{mfc.name}: {mfc.name} runs on the training engine of "
                               f"{trainers.get(mfc.role, mfc.role)}; set allocations.{trainers.get(mfc.role)} instead")
         trainer = allocations[trainers[mfc.role]]
-        allocations[mfc.name] = Allocation(mfc, trainer.mesh, trainer.strategy)
+        allocations[mfc.name] = Allocation(mfc, trainer.mesh, trainer.strategy, trainer.zero_stage,
+                                           trainer.micro_batch_size)
     return {m.name: allocations[m.name] for m in mfcs}

@@ -43,6 +43,11 @@ class InterfaceContext:
     pad_id: int
     eos_ids: tuple[int, ...]
     groups: dict[str, Any] = field(default_factory=dict)  # MFC name -> process group of its role's mesh
+    micro_batches: dict[str, int] = field(default_factory=dict)  # training MFC -> its engine's micro-batch size
+
+    def micro_batch(self, trainer: str, default: int) -> int:
+        """Samples per forward of the engine of training MFC `trainer` (its scoring calls split alike)."""
+        return self.micro_batches.get(trainer, default)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ SFT = register(Experiment(
     sample_key="seq",
     mfcs=lambda cfg: (MFC("actor_train", "actor", MFCKind.TRAIN, ("seq",)),),
     roles=lambda cfg: [RoleSpec("actor", cfg.model.path, "model.path", "lm", trainable=True)],
-    interfaces=lambda cfg, ctx: {"actor_train": SFTInterface(cfg.train.micro_batch_size, ctx.pad_id)},
+    interfaces=lambda cfg, ctx: {
+        "actor_train": SFTInterface(ctx.micro_batch("actor_train", cfg.train.micro_batch_size), ctx.pad_id)},
     table=(("loss", "actor/loss"), ("eval_loss", "eval/actor/loss")),
 ))
 
@@ -54,7 +55,8 @@ RM = register(Experiment(
     sample_key="pair",
     mfcs=lambda cfg: (MFC("reward_train", "reward", MFCKind.TRAIN, ("pair",)),),
     roles=lambda cfg: [RoleSpec("reward", cfg.model.path, "model.path", "value", trainable=True)],
-    interfaces=lambda cfg, ctx: {"reward_train": RewardModelInterface(cfg.train.micro_batch_size, ctx.pad_id)},
+    interfaces=lambda cfg, ctx: {"reward_train": RewardModelInterface(
+        ctx.micro_batch("reward_train", cfg.train.micro_batch_size), ctx.pad_id)},
     table=(("loss", "reward/loss"), ("accuracy", "reward/accuracy"), ("eval_acc", "eval/reward/accuracy")),
 ))
 
@@ -96,8 +98,8 @@ DPO = register(Experiment(
         RoleSpec("ref", cfg.ref.path or cfg.model.path, "ref.path" if cfg.ref.path else "model.path", "lm",
                  trainable=False, offload=cfg.ref.offload),
     ],
-    interfaces=lambda cfg, ctx: dict.fromkeys(("ref_inf", "actor_train"),
-                                              DPOInterface(cfg.train.micro_batch_size, ctx.pad_id, cfg.dpo.beta)),
+    interfaces=lambda cfg, ctx: dict.fromkeys(("ref_inf", "actor_train"), DPOInterface(
+        ctx.micro_batch("actor_train", cfg.train.micro_batch_size), ctx.pad_id, cfg.dpo.beta)),
     settings=lambda cfg: RunSettings(StepGeometry(cfg.train.batch_size, cfg.train.micro_batch_size),
                                      reference_ema=cfg.ref.ema),
     table=(("loss", "actor/loss"), ("reward_acc", "actor/reward_accuracy"), ("margin", "actor/reward_margin"),

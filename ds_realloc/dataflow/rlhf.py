@@ -170,7 +170,7 @@ def _policy_mfcs(cfg: RLConfig, critic: bool = False, extra_scores: tuple[str, .
 
 def _policy_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
     algo, geometry, temperature = cfg.algo, _geometry(cfg), _temperature(cfg)
-    micro = geometry.micro_batch_size
+    micro = ctx.micro_batch("actor_train", geometry.micro_batch_size)
     return {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id),
             "rew_inf": _reward(cfg, ctx), "ref_inf": LogprobsInterface(ctx.pad_id, temperature),
             "actor_logp": PolicyLogprobsInterface(ctx.pad_id, micro, geometry.minibatches, temperature),
@@ -193,7 +193,7 @@ def _ppo_mfcs(cfg: RLConfig) -> tuple[MFC, ...]:
 
 def _ppo_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
     geometry = _geometry(cfg)
-    micro = geometry.micro_batch_size
+    micro = ctx.micro_batch("critic_train", geometry.micro_batch_size)
     return {**_policy_interfaces(cfg, ctx), "critic_inf": ValuesInterface(ctx.pad_id),
             "critic_values": CriticValuesInterface(ctx.pad_id, micro, geometry.minibatches),
             "critic_train": CriticTrainInterface(cfg.algo, micro, ctx.pad_id, cfg.rollout.max_new_tokens)}
@@ -296,7 +296,7 @@ def _raft_interfaces(cfg: RLConfig, ctx: InterfaceContext) -> dict:
     temperature = _temperature(cfg)
     return {"actor_gen": GenerateInterface(_generation(cfg), ctx.eos_ids, ctx.pad_id), "rew_inf": _reward(cfg, ctx),
             "ref_inf": LogprobsInterface(ctx.pad_id, temperature),
-            "actor_train": RaftTrainInterface(cfg.train.micro_batch_size, ctx.pad_id, cfg.rollout.samples_per_prompt,
+            "actor_train": RaftTrainInterface(ctx.micro_batch("actor_train", cfg.train.micro_batch_size), ctx.pad_id, cfg.rollout.samples_per_prompt,
                                               temperature=temperature)}
 
 

@@ -8,7 +8,7 @@ it, and an inference copy made at one version can be kept until the next trainin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,15 @@ from ds_realloc.dataflow.allocation import Allocation
 from ds_realloc.dataflow.config import RunConfig
 from ds_realloc.dataflow.experiment import RoleSpec
 from ds_realloc.dataflow.mfc import MFC, MFCKind
+from ds_realloc.engine.config import EngineConfig
 from ds_realloc.engine.ds_config import BatchGeometry, frozen_ds_config, lr_schedule, torch_dtype, train_ds_config, zero_stage
 from ds_realloc.engine.factory import build_frozen_model, build_train_engine
 from ds_realloc.engine.hybrid import HybridEngine
 from ds_realloc.layout.mesh import DeviceMesh
 from ds_realloc.models.registry import family_of
+from ds_realloc.utils.config import FieldInvalid
 from ds_realloc.utils.dist import group_of
+from ds_realloc.utils.errors import ConfigError
 
 
 @dataclass
@@ -57,6 +60,23 @@ class Role:
         return group_of(self.mesh.ranks) if dist.get_rank() in self.mesh.ranks else None
 
 
+def engine_of(engine: EngineConfig, allocation: Allocation) -> EngineConfig:
+    """The engine settings of a training MFC: `engine`, with the MFC's own ZeRO stage where it sets one."""
+    if allocation.zero_stage is None or allocation.zero_stage == engine.zero_stage:
+        return engine
+    own = replace(engine, zero_stage=allocation.zero_stage)
+    try:
+        own.validate()
+    except FieldInvalid as e:
+        raise ConfigError(f"allocations.{allocation.mfc.name}.zero_stage={allocation.zero_stage}: "
+                          f"engine.{e.field}: {e.message}") from None
+    return own
+
+
+def _trained_allocation(spec: RoleSpec, mfcs: list[MFC], allocations: dict[str, Allocation]) -> Allocation | None:
+    return next((allocations[m.name] for m in mfcs if m.role == spec.role and m.kind is MFCKind.TRAIN), None)
+
+
 def _role_mesh(spec: RoleSpec, mfcs: list[MFC], allocations: dict[str, Allocation]) -> DeviceMesh:
     calls = [m for m in mfcs if m.role == spec.role]
     trained = [m for m in calls if m.kind is MFCKind.TRAIN]
@@ -72,9 +92,12 @@ def build_roles(specs: list[RoleSpec], paths: dict[str, Path], mfcs: list[MFC], 
     reference_config = None
     for spec in sorted(specs, key=lambda s: not s.trainable):
         mesh = _role_mesh(spec, mfcs, allocations)
-        batch = BatchGeometry(geometry.micro_batch(mesh.size), geometry.accumulation(mesh.size), mesh.size)
-        if spec.trainable:
-            ds_config = train_ds_config(cfg.engine, spec.optim or cfg.optim, batch, total_optimizer_steps)
+        trained = _trained_allocation(spec, mfcs, allocations) if spec.trainable else None
+        own = geometry.with_micro_batch(trained.micro_batch_size if trained else None)
+        batch = BatchGeometry(own.micro_batch(mesh.size), own.accumulation(mesh.size), mesh.size)
+        if trained is not None:
+            ds_config = train_ds_config(engine_of(cfg.engine, trained), spec.optim or cfg.optim, batch,
+                                        total_optimizer_steps)
             reference_config = reference_config or ds_config
         else:
             ds_config = frozen_ds_config(reference_config or train_ds_config(cfg.engine, cfg.optim, batch, 1),

@@ -18,7 +18,7 @@ from ds_realloc.dataflow.allocation import Allocation, resolve_allocations
 from ds_realloc.dataflow.config import RunConfig
 from ds_realloc.dataflow.experiment import Experiment, InterfaceContext, RunSettings
 from ds_realloc.dataflow.mfc import MFCKind, topological_order
-from ds_realloc.dataflow.roles import Role, build_roles
+from ds_realloc.dataflow.roles import Role, build_roles, engine_of
 from ds_realloc.engine.ds_config import zero_stage
 from ds_realloc.layout.model import NAMED_CONFIGS, model_spec
 from ds_realloc.models.presets import resolve_model_path
@@ -56,7 +56,13 @@ def plan_run(experiment: Experiment, cfg: RunConfig, world: int, weights_free: b
                                       slots_per_host(world, cfg.launch.hostfile))
     for allocation in allocations.values():
         if allocation.mfc.kind is MFCKind.TRAIN:
-            geometry.check(allocation.mfc.name, allocation.mesh.size)
+            name, micro = allocation.mfc.name, allocation.micro_batch_size
+            geometry.with_micro_batch(micro).check(name, allocation.mesh.size, f"allocations.{name}.micro_batch_size"
+                                                   if micro else "train.micro_batch_size")
+            stage = engine_of(cfg.engine, allocation).zero_stage
+            if settings.offload_train_states and stage != 3:
+                raise ConfigError(f"allocations.{name}.zero_stage={stage}: rollout.offload_train_states needs "
+                                  f"ZeRO-3 training engines")
     if cfg.engine.inference == "zero3":
         check_engine_inference(allocations, {s.role for s in specs})
     return RunPlan(paths, allocations, settings)
@@ -151,7 +157,9 @@ def build_models(experiment: Experiment, cfg: RunConfig, plan: RunPlan, data: Ru
     roles = build_roles(experiment.roles(cfg), plan.paths, order, plan.allocations, cfg, geometry,
                         data.total_steps * geometry.optimizer_steps, pad_id)
     groups = {m.name: roles[m.role].group if m.role in roles else _mesh_group(plan.allocations[m.name]) for m in order}
-    return roles, InterfaceContext(data.tokenizer, pad_id, _eos_ids(data.tokenizer, roles), groups)
+    micro = {name: a.micro_batch_size for name, a in plan.allocations.items()
+             if a.mfc.kind is MFCKind.TRAIN and a.micro_batch_size}
+    return roles, InterfaceContext(data.tokenizer, pad_id, _eos_ids(data.tokenizer, roles), groups, micro)
 
 
 def _mesh_group(allocation: Allocation):

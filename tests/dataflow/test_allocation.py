@@ -65,6 +65,33 @@ def test_per_mfc_and_shorthand_allocations():
     assert _resolve(actor_gen={"strategy": "t4"})["actor_gen"].strategy.tp == 4  # kv heads replicated
 
 
+def test_per_mfc_zero_stage_and_micro_batch_reach_the_engine_and_its_scoring_calls():
+    allocations = _resolve(actor_train={"zero_stage": 2, "micro_batch_size": 2}, critic_train={"zero_stage": 1})
+    actor, logp = allocations["actor_train"], allocations["actor_logp"]
+    assert (actor.zero_stage, actor.micro_batch_size) == (2, 2) == (logp.zero_stage, logp.micro_batch_size)
+    assert (allocations["critic_train"].zero_stage, allocations["critic_train"].micro_batch_size) == (1, None)
+    assert allocations["actor_gen"].zero_stage is None  # unset: engine.zero_stage / train.micro_batch_size
+
+
+def test_per_mfc_engine_settings_are_checked_against_the_run(tmp_path):
+    """A plan checks a per-MFC micro-batch against the rows and a per-MFC stage against the engine settings."""
+    from ds_realloc.dataflow.setup import plan_run
+    from ds_realloc.utils.config import load_config
+
+    experiment = builtin_experiments()["ppo"]
+
+    def plan(*overrides):
+        cfg = load_config(experiment.config_cls, None, ["model.path=tiny-llama",
+                                                        *overrides])
+        return plan_run(experiment, cfg, 2)
+
+    assert plan("allocations.actor_train.micro_batch_size=4").allocations["actor_train"].micro_batch_size == 4
+    with pytest.raises(ConfigError, match=re.escape("allocations.actor_train.micro_batch_size=3 x 1 data-parallel")):
+        plan("allocations.actor_train.micro_batch_size=3")
+    with pytest.raises(ConfigError, match=re.escape("allocations.critic_train.zero_stage=2: ")):
+        plan("engine.offload_param=true", "allocations.critic_train.zero_stage=2")
+
+
 @pytest.mark.parametrize("per_mfc, shorthand, message", [
     ({"actor_gen": {"mesh": "0-7"}}, "", "allocations.actor_gen.mesh: rank 4 is outside the world of 4 ranks"),
     ({"actor_gen": {"mesh": "0-2", "strategy": "t3"}}, "", "allocations.actor_gen.strategy: t3: tp=3 and "
@@ -83,6 +110,10 @@ def test_per_mfc_and_shorthand_allocations():
                                               "parallelism (e2) needs a mixture-of-experts model; llama has no experts"),
     ({"actor_gen": {"strategy": "d4e3"}}, "", "allocations.actor_gen.strategy: in 'd4e3' the expert-parallel "
                                               "degree e3 must divide d4"),
+    ({"actor_gen": {"zero_stage": 2}}, "", "allocations.actor_gen.zero_stage: only training MFCs run a DeepSpeed"),
+    ({"ref_inf": {"micro_batch_size": 2}}, "", "allocations.ref_inf.micro_batch_size: only training MFCs"),
+    ({"actor_train": {"zero_stage": 4}}, "", "allocations.actor_train.zero_stage: must be 0, 1, 2 or 3"),
+    ({"actor_train": {"micro_batch_size": -1}}, "", "allocations.actor_train.micro_batch_size: must be at least 1"),
 ])
 def test_bad_allocations_name_the_mfc_and_field(per_mfc, shorthand, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
