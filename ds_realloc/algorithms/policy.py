@@ -226,7 +226,7 @@ def _rows(batch: Batch, rows: list[int]) -> Batch:
     return {key: [values[i] for i in rows] for key, values in batch.items()}
 
 
-def _policy_logprobs(engine, rollouts: Rollouts, temperature: float = 1.0,
+def policy_logprobs(engine, rollouts: Rollouts, temperature: float = 1.0,
                      entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The policy's log-probs [B, K] of the last K tokens (the completions) at `temperature` - the
     definition generation and the reference share (`models.generate.Generation`) - and their
@@ -240,7 +240,7 @@ def _policy_logprobs(engine, rollouts: Rollouts, temperature: float = 1.0,
     return F.next_token_logprobs(logits, rollouts.input_ids[:, -(width + 1):].to(device), entropy)
 
 
-def _critic_values(engine, rollouts: Rollouts) -> torch.Tensor:
+def critic_values(engine, rollouts: Rollouts) -> torch.Tensor:
     device = engine.device
     return engine(input_ids=rollouts.input_ids.to(device), attention_mask=rollouts.attention_mask.to(device),
                   position_ids=rollouts.positions.to(device))
@@ -260,7 +260,7 @@ class PolicyLogprobsInterface(InferenceInterface):
         out: list = [None] * len(batch["completion"])
         for micro in update_micro_batches(len(out), self.minibatches, self.micro_batch_size):
             rollouts = rollouts_of(_rows(batch, micro), self.pad_id)
-            logprobs, _ = _policy_logprobs(engine, rollouts, self.temperature)
+            logprobs, _ = policy_logprobs(engine, rollouts, self.temperature)
             for row, values in zip(micro, rollouts.actions_of(logprobs.float().cpu())):
                 out[row] = values
         return {"old_logprobs": out}
@@ -279,7 +279,7 @@ class CriticValuesInterface(InferenceInterface):
         out: list = [None] * len(batch["completion"])
         for micro in update_micro_batches(len(out), self.minibatches, self.micro_batch_size):
             rollouts = rollouts_of(_rows(batch, micro), self.pad_id)
-            for row, values in zip(micro, rollouts.states_of(_critic_values(engine, rollouts).float().cpu())):
+            for row, values in zip(micro, rollouts.states_of(critic_values(engine, rollouts).float().cpu())):
                 out[row] = values
         return {"values": out}
 
@@ -352,7 +352,7 @@ class PolicyTrainInterface(TrainInterface):
         def loss_of(rows: slice, metrics: Metrics):
             part = {key: values[rows] for key, values in batch.items()}
             rollouts = rollouts_of(part, self.pad_id)
-            logprobs, entropies = _policy_logprobs(engine, rollouts, self.temperature, entropy=bool(cfg.entropy_coef))
+            logprobs, entropies = policy_logprobs(engine, rollouts, self.temperature, entropy=bool(cfg.entropy_coef))
             width, device = rollouts.max_actions, logprobs.device
             mask = rollouts.action_mask().to(device)
             n = float(mask.sum())
@@ -413,7 +413,7 @@ class CriticTrainInterface(TrainInterface):
             part = {key: values[rows] for key, values in batch.items()}
             rollouts = rollouts_of(part, self.pad_id)
             width = rollouts.max_actions
-            values = _critic_values(engine, rollouts)
+            values = critic_values(engine, rollouts)
             device = values.device
             predicted = values[:, -width - 1:-1]  # right-aligned: the state before each action
             mask = rollouts.action_mask().to(device)
@@ -451,7 +451,7 @@ class RaftTrainInterface(TrainInterface):
         def loss_of(rows: slice, metrics_: Metrics):
             part = {key: values[rows] for key, values in chosen.items()}
             rollouts = rollouts_of(part, self.pad_id)
-            logprobs, _ = _policy_logprobs(engine, rollouts, self.temperature)
+            logprobs, _ = policy_logprobs(engine, rollouts, self.temperature)
             mask = rollouts.action_mask().to(logprobs.device) * weights[rows].to(logprobs.device).unsqueeze(-1)
             nll = -(logprobs * mask).sum()
             add_metric(metrics_, "loss", nll.item(), float(mask.sum()))

@@ -29,6 +29,7 @@ from ds_realloc.dataflow.experiment import Experiment, Interface
 from ds_realloc.dataflow.metrics import MetricsWriter, StepMetrics, StepTable, format_values
 from ds_realloc.dataflow.mfc import MFC
 from ds_realloc.dataflow.setup import build_models, load_data, placement_labels, plan_run, prepare_run_dir, run_dir
+from ds_realloc.dataflow.spans import SpanRecorder
 from ds_realloc.dataflow.walk import Walker, new_store
 from ds_realloc.engine.checkpoint import save_hf_model
 from ds_realloc.utils.dist import comm_device, command_start_time, init_distributed, is_peer_failure
@@ -71,9 +72,15 @@ class Runner:
         samples = [self.train_set[i] for i in self.sampler.global_batch(self.step)]
         store = new_store(self.experiment.sample_key, samples, geometry.samples_per_prompt, self.step)
         start = time.perf_counter()
+        spans = self.walker.spans
+        if spans is not None:
+            spans.begin_step(self.step + 1)
+            step_start = spans.now()
         metrics, timings = self.walker.walk(self.order, store, geometry.rows, self.interfaces, f"step {self.step + 1}")
         timings.update(self._update_reference())
         step_s = time.perf_counter() - start
+        if spans is not None:
+            spans.end_step(step_start, spans.now())
         self.walker.doing = f"the metrics of step {self.step + 1}"
         engines = {name: role.engine for name, role in self.walker.roles.items() if role.engine is not None}
         return self.metrics.values(metrics, timings, step_s, engines)
@@ -181,7 +188,8 @@ def run_experiment(experiment: Experiment, cfg: RunConfig) -> dict:
                 "; ".join(f"{name} {label}" for name, label in placement_labels(plan.allocations, roles).items()))
     order = [allocation.mfc for allocation in plan.allocations.values()]  # topological
     interfaces = experiment.interfaces(cfg, context)
-    walker = Walker(rank, plan.settings, roles, plan.allocations, cfg.engine.inference == "zero3")
+    walker = Walker(rank, plan.settings, roles, plan.allocations, cfg.engine.inference == "zero3",
+                    spans=SpanRecorder(out, rank))
     evaluator = Evaluator(experiment, walker, order, interfaces, context, data.eval_set, cfg.train.batch_size)
     checkpoints = CheckpointManager(out / "checkpoints", rank, roles, interfaces,
                                     bool(plan.settings.reference_ema) and "ref" in roles)

@@ -29,7 +29,7 @@ from ds_realloc.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-_FRESH_RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "hf")
+_FRESH_RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "hf", "timeline")
 
 
 @dataclass(frozen=True)

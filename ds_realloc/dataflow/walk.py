@@ -22,6 +22,7 @@ from ds_realloc.dataflow.allocation import Allocation
 from ds_realloc.dataflow.experiment import Interface, RunSettings
 from ds_realloc.dataflow.mfc import MFC, MFCKind, dataset_keys
 from ds_realloc.dataflow.roles import Role
+from ds_realloc.dataflow.spans import CALL, MOVE, REALLOC, SpanRecorder
 from ds_realloc.engine.zero_inference import ZeroInferenceCall
 from ds_realloc.models.inference import InferenceCall
 
@@ -51,6 +52,14 @@ class Walker:
     allocations: dict[str, Allocation]
     zero3_inference: bool  # engine.inference=zero3: generate / inference on the role's own engine
     doing: str = "start-up"  # what this rank is busy with, for the error when a peer dies
+    spans: SpanRecorder | None = None  # the measured timeline of training steps (None: not recorded)
+
+    def _span(self, mfc: MFC, kind: str, start: float, evaluating: bool) -> None:
+        if self.spans is not None and not evaluating:
+            self.spans.add(mfc.name, kind, start, self.spans.now())
+
+    def _now(self) -> float:
+        return self.spans.now() if self.spans is not None else 0.0
 
     @contextlib.contextmanager
     def _weights(self, mfc: MFC) -> Iterator[tuple[InferenceCall | ZeroInferenceCall | None, dict[str, float]]]:
@@ -103,8 +112,12 @@ class Walker:
         allocation = self.allocations[mfc.name]
         split = allocation.split(rows)
         metrics: Metrics = {}
+        placing = self._now()
         with contextlib.nullcontext((None, {})) if mfc.kind.on_engine else self._weights(mfc) as (call, timing):
+            if timing:
+                self._span(mfc, REALLOC, placing, evaluating)
             if self.rank in allocation.mesh:
+                calling = self._now()
                 begin = time.perf_counter()
                 mine = list(split.rows_of(self.rank))
                 batch = {key: [store[key][r] for r in mine] for key in (*mfc.input_keys, ROW, STEP, VALID)}
@@ -124,6 +137,7 @@ class Walker:
                     store.setdefault(key, {}).update(zip(mine, values))
                 _sync()
                 timing = {**timing, f"time/{mfc.name}_s": time.perf_counter() - begin}
+                self._span(mfc, CALL, calling, evaluating)
                 if split.groups[split.group_of(self.rank)][0] != self.rank:
                     metrics = {}  # the tensor-parallel ranks of a group report once
         if mfc.kind is MFCKind.TRAIN and not evaluating:
@@ -143,7 +157,10 @@ class Walker:
             wave = [m for m in pending if set(m.input_keys) <= producers.keys()]
             for mfc in wave:
                 self.doing = f"moving the inputs of {mfc.name} ({when})"
+                moving = self._now()
                 self.route_inputs(mfc, store, producers, rows)
+                if any(producers.get(k) for k in mfc.input_keys):
+                    self._span(mfc, MOVE, moving, evaluating)
             for mfc in wave:
                 self.doing = f"{mfc.name} ({when})"
                 mfc_metrics, timing = self.run_mfc(mfc, store, rows, interfaces[mfc.name], evaluating)

@@ -22,7 +22,7 @@ from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.layout.model import ModelSpec
 from ds_realloc.layout.plan import ReallocPlan, max_weight_assignment
-from ds_realloc.planner import cost
+from ds_realloc.planner import calibrated, cost
 from ds_realloc.planner.cost import ModelShape
 from ds_realloc.planner.profile import DeviceProfile, Link
 from ds_realloc.planner.simulate import CALL, MOVE, REALLOC, Op, Timeline, play, step_ops
@@ -113,30 +113,64 @@ def call_seconds(mfc: MFC, allocation: Allocation, role: RoleModel | None, work:
         return _engine_seconds(score, allocation, role, work, engine, profile)
     s = allocation.strategy
     rows = work.rows // s.dp
+    measured = _measured_call(kind, role, rows, s.tp, work, profile)
+    if measured is not None:
+        return measured
     link = _tp_link(allocation, profile)
     if kind is MFCKind.GENERATE:
         return cost.generate_s(shape, rows, work.prompt_len, work.new_tokens, s.tp, profile, dtype, link)
     return cost.score_s(shape, rows, work.length, s.tp, profile, dtype, logits=role.lm_head, link=link)
 
 
+def _head(role: RoleModel) -> str:
+    return "lm" if role.lm_head else "value"
+
+
+def _measured_call(kind: MFCKind, role: RoleModel, rows: int, tp: int, work: Workload,
+                   profile: DeviceProfile) -> float | None:
+    """A generate / inference call's time from the profile's measured table of this model (None without one)."""
+    table = profile.table(role.shape, work.dtype)
+    if table is None:
+        return None
+    if kind is MFCKind.GENERATE:
+        return calibrated.generate_s(table, role.shape, rows, work.prompt_len, work.new_tokens, tp)
+    return calibrated.score_s(table, role.shape, _head(role), rows * work.length, tp)
+
+
 def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Workload, train: TrainSetting,
                     profile: DeviceProfile) -> float:
-    """A DeepSpeed engine's forward (SCORE) or update (TRAIN) over the step's rows, ZeRO collectives included."""
+    """A DeepSpeed engine's forward (SCORE) or update (TRAIN) over the step's rows, ZeRO collectives included:
+    the compute measured per micro-batch where the profile timed this model, else the roofline."""
     shape, dtype, ranks = role.shape, work.dtype, allocation.mesh.size
     rows = work.rows // ranks
-    micro_batches = max(1, -(-rows // train.micro_batch))
+    micro = max(1, min(train.micro_batch, rows // work.minibatches))
+    micro_batches = max(1, -(-rows // micro))
     link = mesh_link(allocation.mesh.ranks, profile)
     gather = cost.all_gather_s(cost.weight_bytes(shape, dtype), ranks, link) if train.zero_stage == 3 else 0.0
+    table = profile.table(shape, dtype)
+
+    def measured(kind: str) -> float | None:
+        if table is None or train.offload_param:
+            return None
+        return calibrated.engine_s(table, shape, _head(role), train.zero_stage, kind, micro * work.length)
+
     if mfc.kind is MFCKind.SCORE:
-        forward = cost.forward_flops(shape, rows * work.length, cost.causal_context(work.length),
-                                     rows * work.length if role.lm_head else 0)
-        return cost.matmul_s(forward, profile, dtype) + micro_batches * gather
+        forward = measured("engine_score")
+        if forward is None:
+            flops = cost.forward_flops(shape, rows * work.length, cost.causal_context(work.length),
+                                       rows * work.length if role.lm_head else 0)
+            return cost.matmul_s(flops, profile, dtype) + micro_batches * gather
+        return micro_batches * (forward + gather)
     steps = work.epochs * work.minibatches
     per_step_micro = max(1, micro_batches // work.minibatches)
-    compute = work.epochs * cost.train_compute_s(shape, rows, work.length, profile, dtype, logits=role.lm_head)
     traffic = cost.zero_traffic_s(shape, train.zero_stage, ranks, per_step_micro, link, dtype)
-    optimizer = cost.optimizer_s(shape, train.zero_stage, ranks, train.offload_optimizer, profile, dtype)
-    return compute + steps * (traffic + optimizer)
+    micro_s, step_s = measured("train"), measured("optimizer")
+    if micro_s is None or step_s is None:
+        compute = work.epochs * cost.train_compute_s(shape, rows, work.length, profile, dtype, logits=role.lm_head)
+        optimizer = cost.optimizer_s(shape, train.zero_stage, ranks, train.offload_optimizer, profile, dtype)
+        return compute + steps * (traffic + optimizer)
+    optimizer = step_s / (ranks if train.zero_stage >= 1 else 1)  # timed on one rank: its share of the states
+    return work.epochs * micro_batches * micro_s + steps * (traffic + optimizer)
 
 
 @lru_cache(maxsize=4096)

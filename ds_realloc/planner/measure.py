@@ -32,12 +32,27 @@ class ProfileConfig:
     out: str = option("", "where to write the profile JSON ('' = print it)")
     name: str = option("this-machine", "the profile's name")
     repeats: int = option(3, "timed repetitions per measurement (the fastest counts)")
+    model: str = option("", "also time this model's calls (a folder or preset, as model.path); the planner then "
+                            "uses those times for models of its shape ('' = none)")
+    dtype: str = option("auto", "dtype of the timed calls: auto (the runs' engine.dtype=auto), bf16 or fp32")
+    rows: list[int] = option([2, 8], "the two row counts per rank the calls are timed at")
+    prompt_len: int = option(64, "prompt tokens of the timed sequences")
+    new_tokens: int = option(16, "generated tokens of the timed sequences (at least 3)")
+    stages: list[int] = option([2, 3], "ZeRO stages whose engines are timed (stage 1 computes as 2 on one rank)")
 
     def validate(self) -> None:
         if self.ranks < 1:
             raise invalid("ranks", "must be at least 1")
         if self.repeats < 1:
             raise invalid("repeats", "must be at least 1")
+        if len(self.rows) != 2 or self.rows[0] == self.rows[1] or min(self.rows) < 1:
+            raise invalid("rows", f"must be two different positive row counts, got {self.rows}")
+        if self.new_tokens < 3:
+            raise invalid("new_tokens", "must be at least 3 (a decode step is timed as a difference of lengths)")
+        if not self.stages or any(s not in (0, 1, 2, 3) for s in self.stages):
+            raise invalid("stages", f"must be ZeRO stages 0-3, got {self.stages}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise invalid("dtype", f"must be auto, bf16 or fp32, got {self.dtype}")
 
 
 def _best_s(fn, repeats: int) -> float:
@@ -104,9 +119,16 @@ def measure(cfg: ProfileConfig) -> DeviceProfile:
     bandwidth = memory_bandwidth(cfg.repeats)
     link = run_ranks(_collective_rank, cfg.ranks, cfg.repeats)[0] if cfg.ranks > 1 else Link(bandwidth, 0.0)
     memory = psutil.virtual_memory().total // cfg.ranks
+    models = {}
+    if cfg.model:
+        from ds_realloc.models.presets import resolve_model_path
+        from ds_realloc.planner.measure_calls import measure_model
+
+        models = measure_model(cfg, resolve_model_path(cfg.model, field="model"))
     return DeviceProfile(
         name=cfg.name, memory_bytes=memory, matmul_flops=flops, memory_bandwidth=bandwidth, intra_node=link,
         inter_node=link, host_bandwidth=bandwidth, host_adam_params_per_s=bandwidth / 30, gpus_per_node=cfg.ranks,
+        models=models,
         source=f"ds-realloc profile on {os.uname().nodename}: {threads} thread(s) per rank, {cfg.ranks} ranks, "
                f"torch {torch.__version__}; memory is the host's divided by the ranks; the host is the device, so "
                f"offload moves at memory bandwidth and Adam runs at memory bandwidth / 30 bytes per parameter")

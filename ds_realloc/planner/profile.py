@@ -12,9 +12,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from ds_realloc.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ds_realloc.planner.calibrated import ModelTable
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -39,7 +42,8 @@ class DeviceProfile:
     host_adam_params_per_s: float  # parameters per second the CPU Adam updates (ZeRO-offload's optimizer)
     gpus_per_node: int
     source: str = ""  # where the figures come from
-    extra: Mapping[str, object] = field(default_factory=dict)  # measured tables kept with the profile
+    # measured call times by model shape: signature -> a ModelTable's JSON (planner/calibrated.py)
+    models: Mapping[str, Mapping] = field(default_factory=dict)
 
     def flops(self, dtype: str) -> float:
         if dtype not in self.matmul_flops:
@@ -50,6 +54,14 @@ class DeviceProfile:
     def link(self, ranks_per_node: int, ranks: int) -> Link:
         """The slowest link a collective over `ranks` ranks, `ranks_per_node` of them per node, crosses."""
         return self.intra_node if ranks <= ranks_per_node else self.inter_node
+
+    def table(self, shape, dtype: str) -> ModelTable | None:
+        """The measured calls of a model of this shape in `dtype` (planner/calibrated.py), None if never
+        profiled."""
+        from ds_realloc.planner.calibrated import ModelTable, signature
+
+        data = self.models.get(signature(shape, dtype))
+        return None if data is None else ModelTable.from_json(data)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +123,12 @@ def _from_json(data: dict, where: str) -> DeviceProfile:
         link = getattr(profile, name)
         if not link.bandwidth > 0 or link.latency < 0:
             raise ConfigError(f"{where}: field '{name}' needs a positive bandwidth and a latency >= 0")
+    for key, table in profile.models.items():
+        fits = table.get("fits") if isinstance(table, dict) else None
+        if not isinstance(fits, dict) or "dtype" not in table or \
+                any(not isinstance(v, list) or len(v) != 4 for v in fits.values()):
+            raise ConfigError(f"{where}: field 'models.{key}' must hold 'dtype' and 'fits' (operation -> "
+                              f"[fixed, fixed_per_n, layer, layer_per_n])")
     return profile
 
 

@@ -88,15 +88,19 @@ def planning_inputs(experiment: Experiment, cfg, pcfg: PlanConfig):
     for name, allocation in run.allocations.items():
         train = None
         if allocation.mfc.kind.on_engine:
-            train = TrainSetting(engine.zero_stage, geometry.micro_batch(allocation.mesh.size),
-                                 engine.offload_optimizer, engine.offload_param)
+            stage = engine.zero_stage if allocation.zero_stage is None else allocation.zero_stage
+            micro = geometry.with_micro_batch(allocation.micro_batch_size).micro_batch(allocation.mesh.size)
+            train = TrainSetting(stage, micro, engine.offload_optimizer, engine.offload_param)
         default[name] = Choice(allocation, train)
-    fixed = [m.name for m in mfcs if m.name in cfg.allocations and (cfg.allocations[m.name].mesh or
-                                                                      cfg.allocations[m.name].strategy)]
+    fixed = [m.name for m in mfcs if m.name in cfg.allocations and _set_by_hand(cfg.allocations[m.name])]
     if cfg.allocation:
         fixed += [m.name for m in mfcs if m.kind in (MFCKind.GENERATE, MFCKind.INFERENCE)]
     base = TrainSetting(engine.zero_stage, cfg.train.micro_batch_size, engine.offload_optimizer, engine.offload_param)
     return mfcs, roles, work, default, sorted(set(fixed)), base
+
+
+def _set_by_hand(config) -> bool:
+    return bool(config.mesh or config.strategy or config.zero_stage != -1 or config.micro_batch_size)
 
 
 def _on(mfc: MFC, mesh: DeviceMesh, train: TrainSetting | None, tp: int = 1) -> Choice:
@@ -198,8 +202,11 @@ def allocations_yaml(plan: Plan) -> dict:
         a = choice.allocation
         if a.mfc.kind is MFCKind.SCORE:
             continue  # runs on its trainer's engine
-        strategy = f"d{a.mesh.size}" if choice.train is not None else f"d{a.strategy.dp}t{a.strategy.tp}"
-        out[name] = {"mesh": str(a.mesh), "strategy": strategy}
+        if choice.train is None:
+            out[name] = {"mesh": str(a.mesh), "strategy": f"d{a.strategy.dp}t{a.strategy.tp}"}
+        else:
+            out[name] = {"mesh": str(a.mesh), "strategy": f"d{a.mesh.size}", "zero_stage": choice.train.zero_stage,
+                         "micro_batch_size": choice.train.micro_batch}
     return out
 
 
@@ -209,7 +216,7 @@ def plan_report(experiment: Experiment, cfg, pcfg: PlanConfig) -> dict:
         profile = dataclasses.replace(profile, gpus_per_node=pcfg.gpus_per_node)
     mfcs, roles, work, default, fixed, base = planning_inputs(experiment, cfg, pcfg)
     plan = search(mfcs, roles, work, profile, pcfg.world, default, fixed, base, pcfg.seed, pcfg.budget_s,
-                  pcfg.iterations)
+                  pcfg.iterations, engine_choices=True)
     flops = analytic_flops(mfcs, roles, work)
     baselines = {}
     limit = profile.memory_bytes

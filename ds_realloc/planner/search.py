@@ -23,6 +23,7 @@ from ds_realloc.dataflow.mfc import MFC, MFCKind
 from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.planner import cost
+from ds_realloc.planner.calibrated import stage_key
 from ds_realloc.planner.estimate import (Choice, Estimate, Evaluator, RoleModel, TrainSetting, Workload,
                                          with_scores)
 from ds_realloc.planner.profile import DeviceProfile
@@ -86,9 +87,9 @@ def inference_candidates(mfc: MFC, role: RoleModel, meshes: Sequence[DeviceMesh]
 
 
 def train_candidates(mfc: MFC, meshes: Sequence[DeviceMesh], work: Workload, base: TrainSetting,
-                     engine_choices: bool) -> list[Choice]:
-    """A training MFC's meshes; with `engine_choices` also every ZeRO stage and micro-batch size, else the
-    configured ones (engine.zero_stage, train.micro_batch_size, as the runner applies them to every engine)."""
+                     engine_choices: bool, stages: Sequence[int] = ZERO_STAGES) -> list[Choice]:
+    """A training MFC's meshes; with `engine_choices` also every ZeRO stage of `stages` and micro-batch size,
+    else the configured ones (engine.zero_stage, train.micro_batch_size)."""
     out = []
     for mesh in meshes:
         if work.rows % (mesh.size * work.minibatches):
@@ -96,7 +97,7 @@ def train_candidates(mfc: MFC, meshes: Sequence[DeviceMesh], work: Workload, bas
         minibatch_rows = work.rows // (mesh.size * work.minibatches)
         micros = _powers_of_two_dividing(minibatch_rows, minibatch_rows) if engine_choices else \
             [min(base.micro_batch, minibatch_rows)]
-        for stage in ZERO_STAGES if engine_choices else (base.zero_stage,):
+        for stage in stages if engine_choices else (base.zero_stage,):
             for micro in micros:
                 if minibatch_rows % micro:
                     continue
@@ -166,7 +167,8 @@ def search(mfcs: Sequence[MFC], roles: Mapping[str, RoleModel], work: Workload, 
         if mfc.name in fixed or role is None or mfc.kind is MFCKind.SCORE:
             continue
         if mfc.kind is MFCKind.TRAIN:
-            options[mfc.name] = train_candidates(mfc, meshes, work, base_train, engine_choices)
+            options[mfc.name] = train_candidates(mfc, meshes, work, base_train, engine_choices,
+                                                 measured_stages(profile, role, work.dtype))
         else:
             options[mfc.name] = inference_candidates(mfc, role, meshes, work, profile)
         if not options[mfc.name]:
@@ -199,6 +201,17 @@ def search(mfcs: Sequence[MFC], roles: Mapping[str, RoleModel], work: Workload, 
     choices = plan_of(best_state)
     return Plan(choices, evaluator.estimate(choices), evaluator.evaluated, space <= EXHAUSTIVE_LIMIT,
                 time.perf_counter() - began)
+
+
+def measured_stages(profile: DeviceProfile, role: RoleModel, dtype: str) -> tuple[int, ...]:
+    """The ZeRO stages a search may choose for a role's engine: those whose calls the profile timed for this
+    model (so that no stage is judged by the roofline against measured ones), else all."""
+    table = profile.table(role.shape, dtype)
+    if table is None:
+        return ZERO_STAGES
+    head = "lm" if role.lm_head else "value"
+    return tuple(s for s in ZERO_STAGES if stage_key(s, table.fits, head, "train") and
+                 stage_key(s, table.fits, head, "optimizer")) or ZERO_STAGES
 
 
 def _indices_by_mesh(options: Sequence[Choice]) -> dict[DeviceMesh, list[int]]:

@@ -8,8 +8,10 @@ spans, side by side when both are given.
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 from typing import Sequence
 
+from ds_realloc.dataflow.spans import read_timeline
 from ds_realloc.planner.simulate import CALL, MOVE, REALLOC, Span
 
 LANE = 22  # pixels per rank
@@ -64,3 +66,17 @@ def timeline_svg(panels: Sequence[tuple[str, Sequence[Span]]], world: int) -> st
     height = top + 30
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{LEFT + WIDTH + 60}" height="{height}" '
             f'font-family="sans-serif" font-size="12">' + "".join(body + ticks + legend) + "</svg>\n")
+
+
+def measured_spans(run_dir: Path, step: int = 0) -> tuple[int, list[Span], int]:
+    """(step, spans, world) of a run's measured timeline: step `step` (0 = the last one recorded), its
+    times shifted so the step starts at 0 on the earliest rank."""
+    steps = read_timeline(run_dir)
+    chosen = step or max(steps)
+    if chosen not in steps:
+        raise ValueError(f"{run_dir}: step {chosen} was not recorded; recorded steps: {min(steps)}-{max(steps)}")
+    records = steps[chosen]
+    origin = min(r["start"] for r in records)
+    spans = [Span(s["mfc"] if s["kind"] == CALL else f"{s['kind']}:{s['mfc']}", s["mfc"], s["kind"], r["rank"],
+                  s["start"] - origin, s["end"] - origin) for r in records for s in r["spans"]]
+    return chosen, spans, max(r["rank"] for r in records) + 1

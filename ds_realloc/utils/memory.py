@@ -15,6 +15,41 @@ def memory_stats() -> dict[str, float]:
     return stats
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory() -> int:
+    """Start a new peak-memory window; returns the memory in use now (device allocator on GPU, RSS on CPU).
+    On CPU the kernel's RSS high-water mark is reset (`/proc/self/clear_refs`), so no sampler is needed."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss
+
+
+def peak_memory() -> int:
+    """The peak since the last `reset_peak_memory` (device allocator on GPU; RSS high-water mark on CPU,
+    the current RSS where the kernel does not report one)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else psutil.Process().memory_info().rss
+
+
 def return_freed_memory() -> None:
     """From now on this process hands freed blocks of 64 KiB or more back to the OS (glibc's mallopt:
     mmap threshold 64 KiB, trim threshold 0) and trims what its heap holds now, so its RSS follows

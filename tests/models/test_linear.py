@@ -44,3 +44,14 @@ def test_a_process_wide_replacement_of_f_linear_is_not_taken(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "linear", patched)
     assert torch.equal(lin.linear(x, small), expected)
+
+
+def test_a_strided_view_is_computed_as_its_contiguous_copy():
+    """The LM head of a scoring call reads the last positions of the hidden states, a strided view: the
+    same product as on the copy, bit for bit (the copy is what makes it fast on CPU, module doc)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 64, generator=g).to(torch.bfloat16)
+    hidden = torch.randn(8, 40, 64, generator=g).to(torch.bfloat16)
+    view = hidden[:, -16:]
+    assert not view.is_contiguous()
+    assert torch.equal(lin.linear(view, weight), lin.linear(view.contiguous(), weight))

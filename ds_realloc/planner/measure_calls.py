@@ -1,0 +1,226 @@
+"""The part of `ds-realloc profile` that times a model's calls (planner/calibrated.py says how they are used).
+
+Every rank of the profile job builds the same random copies of the model with 1 and 3 transformer
+layers (its config otherwise), and all ranks time the same operation at the same moment, so the
+memory bandwidth and caches they share are shared as in a run:
+- generation (our inference layouts `d<world>` and `t<world>`): sampled tokens, no early stop, at
+  two row counts and two generation lengths (a decode step is the difference of the lengths);
+- an inference forward over whole sequences (log-probs or values) on the same layouts;
+- DeepSpeed engines per ZeRO stage on a group of one rank each (data parallelism adds the link
+  model's collectives): one micro-batch's forward and backward (the policy's log-probs or the
+  critic's values, as the training calls compute them), the optimizer step, a no-grad forward.
+Nothing here runs an experiment, so no run the planner is judged on calibrates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LAYERS = (1, 3)
+
+
+def _best_s(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call costs (allocator, plan building, thread pools)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _synchronised_best_s(fn, repeats: int) -> float:
+    """The best time of `fn` with every rank running it at once (the slowest rank's)."""
+    import torch.distributed as dist
+
+    def together():
+        dist.barrier()
+        fn()
+
+    seconds = torch.tensor([_best_s(together, repeats)], dtype=torch.float64)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return float(seconds)
+
+
+def _models(model_path: Path, folder: Path, rank: int) -> dict[int, Path]:
+    """Random-weight copies of the model with each of LAYERS layers, saved by rank 0."""
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ds_realloc.models.hf_io import save_hf_folder
+
+    out = {}
+    for layers in LAYERS:
+        out[layers] = folder / f"layers{layers}"
+        if rank == 0:
+            config = AutoConfig.from_pretrained(model_path, num_hidden_layers=layers)
+            torch.manual_seed(layers)
+            save_hf_folder(AutoModelForCausalLM.from_config(config), AutoTokenizer.from_pretrained(model_path),
+                           out[layers])
+    dist.barrier()
+    return out
+
+
+def _batch(rows: int, prompt_len: int, new_tokens: int, vocab: int, seed: int):
+    from ds_realloc.algorithms.rollout import Rollouts
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, prompt_len + new_tokens), generator=generator).tolist()
+    return Rollouts.of([r[:prompt_len] for r in ids], [r[prompt_len:] for r in ids], 0)
+
+
+def _inference_times(paths: dict[int, Path], world: int, cfg, dtype: str) -> dict[str, dict]:
+    """{operation: {(layers, n): seconds}} of generation and inference forwards on d<world> and t<world>."""
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from ds_realloc.engine.config import EngineConfig, OptimConfig
+    from ds_realloc.engine.ds_config import BatchGeometry, frozen_ds_config, torch_dtype, train_ds_config
+    from ds_realloc.engine.factory import build_frozen_model
+    from ds_realloc.engine.hybrid import HybridEngine
+    from ds_realloc.layout.mesh import DeviceMesh, Strategy
+    from ds_realloc.models.generate import GenerationConfig, generate
+    from ds_realloc.models.inference import InferenceCall
+    from ds_realloc.utils.dist import group_of
+    from ds_realloc.utils.errors import ConfigError
+
+    rank = dist.get_rank()
+    train = train_ds_config(EngineConfig(zero_stage=0, dtype=dtype), OptimConfig(), BatchGeometry(1, 1, 1), 1)
+    frozen_config = frozen_ds_config(train, offload=False)
+    mesh = DeviceMesh(tuple(range(world)))
+    times: dict[str, dict] = {}
+    for layers, path in paths.items():
+        hf_config = AutoConfig.from_pretrained(path)
+        for head in ("lm", "value"):
+            frozen = build_frozen_model(path, head, frozen_config, offload=False, dp_group=group_of((rank,)))
+            hybrid = HybridEngine(frozen.module, hf_config, head == "value", mesh, torch_dtype(train), zero3=False)
+            for tp in sorted({1, world}):
+                try:
+                    layout = hybrid.layout(mesh, Strategy(dp=world // tp, tp=tp))
+                    layout.buffers(0)
+                except ConfigError:
+                    continue  # the heads do not split over tp ranks
+                with hybrid.placed(layout) as placement:
+                    call = InferenceCall(placement.model)
+                    for rows in cfg.rows:
+                        batch = _batch(rows, cfg.prompt_len, cfg.new_tokens, hf_config.vocab_size, rows)
+                        tokens = rows * (cfg.prompt_len + cfg.new_tokens)
+                        with torch.no_grad():
+                            if head == "value":
+                                seconds = _synchronised_best_s(
+                                    lambda: call.values(batch.input_ids, batch.attention_mask), cfg.repeats)
+                                times.setdefault(f"score_value_t{tp}", {})[(layers, tokens)] = seconds
+                                continue
+                            seconds = _synchronised_best_s(lambda: call.logprobs(
+                                batch.input_ids, batch.attention_mask, cfg.new_tokens), cfg.repeats)
+                            times.setdefault(f"score_lm_t{tp}", {})[(layers, tokens)] = seconds
+                            prompts = [row[:cfg.prompt_len] for row in batch.input_ids.tolist()]
+                            lengths = {}
+                            for new in (2, cfg.new_tokens):
+                                sampling = GenerationConfig(max_new_tokens=new, min_new_tokens=new, seed=rows)
+                                lengths[new] = _synchronised_best_s(
+                                    lambda: generate(placement.model, prompts, sampling, (), 0), cfg.repeats)
+                        decode = (lengths[cfg.new_tokens] - lengths[2]) / (cfg.new_tokens - 2)
+                        times.setdefault(f"decode_t{tp}", {})[(layers, rows)] = decode
+                        times.setdefault(f"prefill_t{tp}", {})[(layers, rows * cfg.prompt_len)] = lengths[2] - decode
+            hybrid.release()
+    return times
+
+
+def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
+    """{operation: {(layers, tokens): seconds}} of DeepSpeed engines on a group of this rank alone."""
+    import torch.distributed as dist
+
+    from ds_realloc.algorithms.policy import critic_values, policy_logprobs
+    from ds_realloc.engine.config import EngineConfig, OptimConfig
+    from ds_realloc.engine.ds_config import BatchGeometry, train_ds_config
+    from ds_realloc.engine.factory import build_train_engine
+    from ds_realloc.utils.dist import group_of
+
+    rank = dist.get_rank()
+    times: dict[str, dict] = {}
+    for stage in cfg.stages:
+        for layers, path in paths.items():
+            for head in ("lm", "value"):
+                engine_cfg = EngineConfig(zero_stage=stage, dtype=dtype)
+                micro = max(cfg.rows)
+                ds_config = train_ds_config(engine_cfg, OptimConfig(), BatchGeometry(micro, 1, 1), 1)
+                engine = build_train_engine(path, head, ds_config, None, False, 0, group_of((rank,)))
+                forward = policy_logprobs if head == "lm" else critic_values
+                for rows in cfg.rows:
+                    batch = _batch(rows, cfg.prompt_len, cfg.new_tokens, engine.module.config.vocab_size, rows)
+                    tokens = rows * (cfg.prompt_len + cfg.new_tokens)
+                    phases = {}
+
+                    def micro_step():
+                        engine.set_gradient_accumulation_boundary(True)
+                        start = time.perf_counter()
+                        out = forward(engine, batch)
+                        loss = (out[0] if head == "lm" else out).float().mean()
+                        engine.backward(loss)
+                        middle = time.perf_counter()
+                        engine.step()
+                        phases["train"], phases["optimizer"] = middle - start, time.perf_counter() - middle
+
+                    best: dict[str, float] = {}
+                    for i in range(cfg.repeats + 1):  # the first is a warm-up
+                        dist.barrier()
+                        micro_step()
+                        if i:
+                            best = {k: min(v, best.get(k, float("inf"))) for k, v in phases.items()}
+                    for kind, seconds in best.items():
+                        times.setdefault(f"{kind}_{head}_z{stage}", {})[(layers, tokens)] = seconds
+
+                    def no_grad_forward():
+                        with torch.no_grad():
+                            forward(engine, batch)
+
+                    times.setdefault(f"engine_score_{head}_z{stage}", {})[(layers, tokens)] = \
+                        _synchronised_best_s(no_grad_forward, cfg.repeats)
+                engine.destroy()
+    for kind in [k for k in times if k.startswith(("train_", "optimizer_"))]:  # the slowest rank's
+        keys = sorted(times[kind])
+        values = torch.tensor([times[kind][k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        times[kind] = dict(zip(keys, values.tolist()))
+    return times
+
+
+def _model_rank(rank: int, world: int, model_path: str, cfg_dict: dict) -> dict | None:
+    """One rank of the model timing; rank 0 returns the fitted table as JSON."""
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from ds_realloc.engine.ds_config import auto_dtype
+    from ds_realloc.planner.calibrated import Fit, ModelTable, signature
+    from ds_realloc.planner.cost import ModelShape
+    from ds_realloc.planner.measure import ProfileConfig
+
+    cfg = ProfileConfig(**cfg_dict)
+    dtype = auto_dtype() if cfg.dtype == "auto" else cfg.dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = [tmp]
+        dist.broadcast_object_list(shared, src=0)  # every rank reads rank 0's folders (one host)
+        paths = _models(Path(model_path), Path(shared[0]), rank)
+        times = {**_inference_times(paths, world, cfg, dtype), **_engine_times(paths, cfg, dtype)}
+        dist.barrier()
+    if rank:
+        return None
+    fits = {}
+    for key, points in times.items():
+        ns = sorted({n for _, n in points})
+        fits[key] = Fit.of(LAYERS, ns, points)
+    shape = ModelShape.of(AutoConfig.from_pretrained(model_path))
+    return {signature(shape, dtype): ModelTable(dtype, fits).to_json()}
+
+
+def measure_model(cfg, model_path: Path) -> dict:
+    """The profile's `models` entry for the model at `model_path` (on `cfg.ranks` spawned ranks)."""
+    from ds_realloc.utils.spawn import run_ranks
+
+    return run_ranks(_model_rank, cfg.ranks, str(model_path), dataclasses.asdict(cfg), timeout=1800)[0]
