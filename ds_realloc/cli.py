@@ -10,6 +10,7 @@ runs the same command line, so a `module:NAME` experiment is imported on every r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -28,7 +29,10 @@ commands (each runs with no arguments on the embedded default model and task):
 tools:
   prepare-model [NAME|PATH]   convert / build a model preset once and print its HF folder
   plan-stats [key=value ...]  traffic of a reallocation plan for any model size and layouts (no processes)
-  profile [ranks=N] [out=FILE.json]   measure this machine into a device profile for the planner
+  profile [ranks=N] [model=PATH] [out=FILE.json]
+                              measure this machine (and a model's calls) into a device profile for the planner
+  timeline RUN_DIR [--plan] [step=N] [out=FILE.svg]
+                              a run's measured per-rank timeline, beside the planner's prediction with --plan
   plan <command> [key=value ...] [world=N gpus_per_node=G device=h100|h200|a100|PROFILE.json] [--json]
                               the planner's allocations for a command on a cluster, with predicted times and
                               memory, against DeepSpeed-Chat's and OpenRLHF's placements (no processes)
@@ -53,7 +57,12 @@ def _experiment_command(experiment) -> DistributedCommand:
     def prepare(cfg, nprocs: int, dry_run: bool = False) -> str:
         from ds_realloc.dataflow.setup import placement_label, plan_run
 
-        plan = plan_run(experiment, cfg, nprocs, weights_free=dry_run)
+        auto = cfg.allocation == "auto"
+        plan = plan_run(experiment, dataclasses.replace(cfg, allocation="") if auto else cfg, nprocs,
+                        weights_free=dry_run)
+        if auto:
+            return (f"{plan.settings.geometry.rows} rows per step on {nprocs} ranks; allocation=auto: the planner "
+                    f"chooses at start-up every allocation not set by hand")
         return (f"{plan.settings.geometry.rows} rows per step on {nprocs} ranks; " +
                 "; ".join(f"{name} {placement_label(a, a.zero_stage if a.zero_stage is not None else cfg.engine.zero_stage)}"
                           for name, a in plan.allocations.items()))
@@ -61,7 +70,12 @@ def _experiment_command(experiment) -> DistributedCommand:
     def run(cfg):
         from ds_realloc.dataflow.runner import run_experiment
 
-        return run_experiment(experiment, cfg)
+        predicted = {}
+        if cfg.allocation == "auto":
+            from ds_realloc.planner.auto import resolve_auto
+
+            cfg, predicted = resolve_auto(experiment, cfg)
+        return run_experiment(experiment, cfg, predicted)
 
     return DistributedCommand(experiment.summary, experiment.config_cls, prepare, run)
 
@@ -183,9 +197,9 @@ def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]
 
 def _benchmarks() -> dict:
     """Each benchmark's module: `main(args)`, `CONFIG` (its config class) and a docstring."""
-    from ds_realloc.bench import generate, ops, realloc, rlhf
+    from ds_realloc.bench import generate, ops, planner, realloc, rlhf
 
-    return {"realloc": realloc, "generate": generate, "rlhf": rlhf, "ops": ops}
+    return {"realloc": realloc, "generate": generate, "rlhf": rlhf, "ops": ops, "planner": planner}
 
 
 def _tool_help(name: str, config_cls: type, summary: str) -> None:
@@ -273,6 +287,22 @@ def _profile(args: Sequence[str]) -> int:
     return 0
 
 
+def _timeline(args: Sequence[str]) -> int:
+    """`ds-realloc timeline RUN_DIR [--plan] [step=N] [out=FILE.svg] [device=...]`: a run's measured timeline as SVG."""
+    from ds_realloc.planner.timeline import TimelineConfig, draw_run
+    from ds_realloc.utils.config import load_config
+
+    if "--help" in args or "-h" in args or not args or args[0].startswith("-") or "=" in args[0]:
+        _tool_help("timeline RUN_DIR [--plan]", TimelineConfig, "a run's measured timeline per rank (SVG); with "
+                   "--plan beside the planner's prediction for the run's allocation")
+        if "--help" in args or "-h" in args:
+            return 0
+        raise UserError("timeline needs the folder of a run, e.g. ds-realloc timeline runs/ppo --plan")
+    cfg = load_config(TimelineConfig, None, [a for a in args[1:] if a != "--plan"])
+    print(draw_run(args[0], cfg, with_plan="--plan" in args))
+    return 0
+
+
 def _prepare_model(args: Sequence[str]) -> int:
     from ds_realloc.models.presets import EMBEDDED_DEFAULT, resolve_model_path
 
@@ -299,7 +329,7 @@ def _ops(args: Sequence[str]) -> int:
 
 
 TOOLS = {"prepare-model": _prepare_model, "plan-stats": _plan_stats, "plan": _plan, "profile": _profile, "bench": _bench,
-         "ops": _ops}
+         "ops": _ops, "timeline": _timeline}
 
 
 def commands() -> dict[str, Callable[[Sequence[str]], int]]:

@@ -100,8 +100,10 @@ class RunConfig:
 
     model: ModelConfig = option(ModelConfig(), "the trained model")
     allocation: str = option("", "one d<dp>t<tp> strategy for every generate / inference call, on all ranks "
-                                 "('' = one replica per rank)")
-    allocations: dict[str, AllocationConfig] = option({}, "per model function call: {mesh, strategy}, e.g. "
+                                 "('' = one replica per rank); auto = the planner chooses every allocation not set "
+                                 "in allocations.<mfc> at start-up, with this machine's device profile")
+    allocations: dict[str, AllocationConfig] = option({}, "per model function call: {mesh, strategy} (training "
+                                                          "calls also zero_stage, micro_batch_size), e.g. "
                                                           "allocations.actor_gen.strategy=d1t2")
     data: DataConfig = option(DataConfig(), "datasets")
     engine: EngineConfig = option(EngineConfig(), "DeepSpeed ZeRO settings")

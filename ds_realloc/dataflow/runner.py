@@ -61,6 +61,7 @@ class Runner:
     step: int = 0
     eval_before: dict[str, float] = field(default_factory=dict)
     train_before_s: float = 0.0  # the training loop's seconds before a resume
+    predicted: dict[str, float] = field(default_factory=dict)  # allocation=auto: the planner's seconds per MFC
 
     @property
     def rank(self) -> int:
@@ -83,7 +84,9 @@ class Runner:
             spans.end_step(step_start, spans.now())
         self.walker.doing = f"the metrics of step {self.step + 1}"
         engines = {name: role.engine for name, role in self.walker.roles.items() if role.engine is not None}
-        return self.metrics.values(metrics, timings, step_s, engines)
+        values = self.metrics.values(metrics, timings, step_s, engines)
+        values.update({f"plan/predicted_{name}_s": seconds for name, seconds in self.predicted.items()})
+        return values
 
     def _update_reference(self) -> dict[str, float]:
         """The reference EMA (`ref.ema`): the actor's new weights blended into the reference's partitions."""
@@ -169,8 +172,9 @@ class Runner:
         dist.barrier()
 
 
-def run_experiment(experiment: Experiment, cfg: RunConfig) -> dict:
-    """Run an experiment on this rank (all ranks call this with the same config)."""
+def run_experiment(experiment: Experiment, cfg: RunConfig, predicted: dict[str, float] | None = None) -> dict:
+    """Run an experiment on this rank (all ranks call this with the same config); `predicted`: the
+    planner's seconds per MFC (allocation=auto), logged beside the measured ones every step."""
     rank, world = init_distributed(cfg.launch.dist_timeout_s)
     if comm_device().type == "cpu":
         # Host memory holds the tensors: glibc would keep the freed heap blocks of each step's tensors
@@ -189,10 +193,11 @@ def run_experiment(experiment: Experiment, cfg: RunConfig) -> dict:
     order = [allocation.mfc for allocation in plan.allocations.values()]  # topological
     interfaces = experiment.interfaces(cfg, context)
     walker = Walker(rank, plan.settings, roles, plan.allocations, cfg.engine.inference == "zero3",
-                    spans=SpanRecorder(out, rank))
+                    spans=SpanRecorder(out, rank, {"command": experiment.command, "world": world}))
     evaluator = Evaluator(experiment, walker, order, interfaces, context, data.eval_set, cfg.train.batch_size)
     checkpoints = CheckpointManager(out / "checkpoints", rank, roles, interfaces,
                                     bool(plan.settings.reference_ema) and "ref" in roles)
     runner = Runner(experiment, cfg, out, data.tokenizer, walker, order, interfaces, data.train_set, data.sampler,
-                    data.total_steps, evaluator, checkpoints, MetricsWriter(out, rank == 0))
+                    data.total_steps, evaluator, checkpoints, MetricsWriter(out, rank == 0),
+                    predicted=dict(predicted or {}))
     return runner.run()

@@ -29,13 +29,16 @@ def timeline_dir(run_dir: Path) -> Path:
 class SpanRecorder:
     """This rank's spans of the current step, flushed to its file at the end of each step."""
 
-    def __init__(self, run_dir: Path | None, rank: int):
+    def __init__(self, run_dir: Path | None, rank: int, meta: dict | None = None):
         """`run_dir` None: spans are kept for the step but written nowhere. A fresh run's folder has no
-        timeline yet (`setup.prepare_run_dir`); a resumed one appends."""
+        timeline yet (`setup.prepare_run_dir`); a resumed one appends. Rank 0 writes `meta` (the command
+        and world, for `ds-realloc timeline --plan`) to `timeline/run.json`."""
         self.rank, self.step, self.spans = rank, 0, []
         self.path = None if run_dir is None else timeline_dir(run_dir) / f"rank{rank}.jsonl"
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if rank == 0 and meta is not None:
+                (self.path.parent / "run.json").write_text(json.dumps(meta) + "\n")
         dist.barrier()  # the aligned clock's zero: the moment every rank leaves the barrier
         self.zero = time.perf_counter()
         self.zero_unix = time.time()

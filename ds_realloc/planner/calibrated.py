@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ds_realloc.planner.cost import ModelShape
+from ds_realloc.planner.profile import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ class ModelTable:
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype, "fits": {k: f.to_json() for k, f in sorted(self.fits.items())}}
+
+
+def table_for(profile: DeviceProfile, shape: ModelShape, dtype: str) -> ModelTable | None:
+    """The measured calls of a model of this shape in `dtype` in a profile, None if never profiled."""
+    data = profile.models.get(signature(shape, dtype))
+    return None if data is None else ModelTable.from_json(data)
 
 
 def stage_key(stage: int, fits: Mapping[str, Fit], head: str, kind: str) -> str | None:

@@ -241,15 +241,25 @@ def train_state_bytes(shape: ModelShape, stage: int, dp: int, offload_optimizer:
     return round(weights + gradients + optimizer)
 
 
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (we set none)
+
+
+def gradient_bucket_bytes(shape: ModelShape, stage: int, dtype: str) -> int:
+    """ZeRO-2 / 3 collect gradients for their reduce-scatter in a bucket of up to reduce_bucket_size
+    elements in the training dtype (ZeRO 0 / 1 reduce the gradients in place at the boundary)."""
+    return min(REDUCE_BUCKET_ELEMENTS, shape.params) * BYTES[dtype] if stage >= 2 else 0
+
+
 def train_peak_bytes(shape: ModelShape, stage: int, dp: int, micro_rows: int, length: int, offload_optimizer: bool,
                      offload_param: bool, dtype: str, logits: bool = True) -> int:
-    """Peak memory of one training rank: its states, one micro-batch's activations and logits, and under
-    ZeRO-3 the largest layer gathered whole."""
+    """Peak memory of one training rank: its states, one micro-batch's activations and logits, under
+    ZeRO-2 / 3 the gradient bucket and under ZeRO-3 the largest layer gathered whole."""
     tokens = micro_rows * length
     gathered = shape.layer_params / shape.layers * BYTES[dtype] if stage == 3 else 0
     vocab = shape.vocab if logits else 1
     return round(train_state_bytes(shape, stage, dp, offload_optimizer, offload_param, dtype)
-                 + activation_bytes(shape, tokens, dtype) + logits_bytes(tokens, vocab, backward=True) + gathered)
+                 + activation_bytes(shape, tokens, dtype) + logits_bytes(tokens, vocab, backward=True) + gathered
+                 + gradient_bucket_bytes(shape, stage, dtype))
 
 
 def inference_peak_bytes(shape: ModelShape, rows: int, context: int, tp: int, dtype: str, logit_tokens: int) -> int:

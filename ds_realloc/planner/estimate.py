@@ -129,7 +129,7 @@ def _head(role: RoleModel) -> str:
 def _measured_call(kind: MFCKind, role: RoleModel, rows: int, tp: int, work: Workload,
                    profile: DeviceProfile) -> float | None:
     """A generate / inference call's time from the profile's measured table of this model (None without one)."""
-    table = profile.table(role.shape, work.dtype)
+    table = calibrated.table_for(profile, role.shape, work.dtype)
     if table is None:
         return None
     if kind is MFCKind.GENERATE:
@@ -147,7 +147,7 @@ def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Wor
     micro_batches = max(1, -(-rows // micro))
     link = mesh_link(allocation.mesh.ranks, profile)
     gather = cost.all_gather_s(cost.weight_bytes(shape, dtype), ranks, link) if train.zero_stage == 3 else 0.0
-    table = profile.table(shape, dtype)
+    table = calibrated.table_for(profile, shape, dtype)
 
     def measured(kind: str) -> float | None:
         if table is None or train.offload_param:
@@ -321,6 +321,32 @@ def resident_bytes(roles: Mapping[str, RoleModel], homes: Mapping[str, DeviceMes
         tp = allocations[mfc.name].strategy.tp
         for r in allocations[mfc.name].mesh.ranks:
             out[r] += cost.weight_bytes(role.shape, dtype) // tp
+    return out
+
+
+MASTER_BYTES = 4  # of ADAM_STATE_BYTES: the fp32 master weights, made when the engine is built (m and v at its first step)
+
+
+def startup_bytes(roles: Mapping[str, RoleModel], homes: Mapping[str, DeviceMesh], mfcs: Sequence[MFC],
+                  train: Mapping[str, TrainSetting], world: int, dtype: str) -> list[int]:
+    """What each rank holds right after start-up: the engines' weights (partitions or replicas) and, for
+    trained roles, the fp32 master weights; gradients, Adam's moments and inference copies come later."""
+    out = [0] * world
+    trainer = {m.role: m.name for m in mfcs if m.kind is MFCKind.TRAIN}
+    for name, role in roles.items():
+        home = homes.get(name)
+        if home is None:
+            continue
+        if role.trainable:
+            setting = train.get(trainer[name], TrainSetting())
+            weights = cost.weight_bytes(role.shape, dtype) // (home.size if setting.zero_stage == 3 else 1)
+            master = 0 if setting.zero_stage == 0 and not setting.offload_optimizer else \
+                role.shape.params * MASTER_BYTES // (home.size if setting.zero_stage >= 1 else 1)
+            per_rank = (0 if setting.offload_param else weights) + master
+        else:
+            per_rank = 0 if role.offload else cost.weight_bytes(role.shape, dtype) // home.size
+        for r in home.ranks:
+            out[r] += per_rank
     return out
 
 

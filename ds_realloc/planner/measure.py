@@ -35,7 +35,7 @@ class ProfileConfig:
     model: str = option("", "also time this model's calls (a folder or preset, as model.path); the planner then "
                             "uses those times for models of its shape ('' = none)")
     dtype: str = option("auto", "dtype of the timed calls: auto (the runs' engine.dtype=auto), bf16 or fp32")
-    rows: list[int] = option([2, 8], "the two row counts per rank the calls are timed at")
+    rows: list[int] = option([4, 16], "the two row counts per rank the calls are timed at")
     prompt_len: int = option(64, "prompt tokens of the timed sequences")
     new_tokens: int = option(16, "generated tokens of the timed sequences (at least 3)")
     stages: list[int] = option([2, 3], "ZeRO stages whose engines are timed (stage 1 computes as 2 on one rank)")

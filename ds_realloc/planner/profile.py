@@ -12,12 +12,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from ds_realloc.utils.errors import ConfigError
-
-if TYPE_CHECKING:
-    from ds_realloc.planner.calibrated import ModelTable
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -54,14 +51,6 @@ class DeviceProfile:
     def link(self, ranks_per_node: int, ranks: int) -> Link:
         """The slowest link a collective over `ranks` ranks, `ranks_per_node` of them per node, crosses."""
         return self.intra_node if ranks <= ranks_per_node else self.inter_node
-
-    def table(self, shape, dtype: str) -> ModelTable | None:
-        """The measured calls of a model of this shape in `dtype` (planner/calibrated.py), None if never
-        profiled."""
-        from ds_realloc.planner.calibrated import ModelTable, signature
-
-        data = self.models.get(signature(shape, dtype))
-        return None if data is None else ModelTable.from_json(data)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from ds_realloc.layout.model import NAMED_CONFIGS, model_spec
 from ds_realloc.planner import cost
 from ds_realloc.planner.cost import ModelShape
 from ds_realloc.planner.estimate import (DEEPSPEED_CHAT, OPENRLHF, Choice, Estimate, Evaluator, RoleModel,
-                                         TrainSetting, Workload, with_scores)
+                                         TrainSetting, Workload, home_meshes, startup_bytes, with_scores)
 from ds_realloc.planner.profile import DeviceProfile, load_profile
 from ds_realloc.planner.search import Plan, search
 from ds_realloc.utils.config import invalid, option
@@ -187,6 +187,20 @@ def analytic_flops(mfcs, roles: Mapping[str, RoleModel], work: Workload) -> floa
     return total
 
 
+def estimate_config(experiment: Experiment, cfg, pcfg: PlanConfig, profile: DeviceProfile | None = None
+                    ) -> tuple[Estimate, list[int]]:
+    """The prediction for a config's own allocation (what a run of it does), and each rank's memory right
+    after start-up (the level a run's peak memory is measured above)."""
+    profile = profile or load_profile(pcfg.device)
+    mfcs, roles, work, default, _, _ = planning_inputs(experiment, cfg, pcfg)
+    kinds = DEEPSPEED_CHAT if cfg.engine.inference == "zero3" else frozenset()
+    estimate = Evaluator(mfcs, roles, work, profile, pcfg.world, kinds).estimate(default)
+    allocations = {name: c.allocation for name, c in default.items()}
+    settings = {name: c.train for name, c in default.items() if c.train is not None}
+    startup = startup_bytes(roles, home_meshes(mfcs, allocations), mfcs, settings, pcfg.world, work.dtype)
+    return estimate, startup
+
+
 def _summary(name: str, estimate: Estimate | None, flops: float) -> dict:
     if estimate is None:
         return {"name": name, "feasible": False}
@@ -210,8 +224,9 @@ def allocations_yaml(plan: Plan) -> dict:
     return out
 
 
-def plan_report(experiment: Experiment, cfg, pcfg: PlanConfig) -> dict:
-    profile = load_profile(pcfg.device)
+def plan_report(experiment: Experiment, cfg, pcfg: PlanConfig, profile: DeviceProfile | None = None) -> dict:
+    """The planner's plan for a command's config on `pcfg`'s cluster (`profile`: the device, else `pcfg.device`)."""
+    profile = profile or load_profile(pcfg.device)
     if pcfg.gpus_per_node:
         profile = dataclasses.replace(profile, gpus_per_node=pcfg.gpus_per_node)
     mfcs, roles, work, default, fixed, base = planning_inputs(experiment, cfg, pcfg)

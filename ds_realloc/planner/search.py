@@ -23,7 +23,7 @@ from ds_realloc.dataflow.mfc import MFC, MFCKind
 from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.planner import cost
-from ds_realloc.planner.calibrated import stage_key
+from ds_realloc.planner.calibrated import stage_key, table_for
 from ds_realloc.planner.estimate import (Choice, Estimate, Evaluator, RoleModel, TrainSetting, Workload,
                                          with_scores)
 from ds_realloc.planner.profile import DeviceProfile
@@ -206,7 +206,7 @@ def search(mfcs: Sequence[MFC], roles: Mapping[str, RoleModel], work: Workload, 
 def measured_stages(profile: DeviceProfile, role: RoleModel, dtype: str) -> tuple[int, ...]:
     """The ZeRO stages a search may choose for a role's engine: those whose calls the profile timed for this
     model (so that no stage is judged by the roofline against measured ones), else all."""
-    table = profile.table(role.shape, dtype)
+    table = table_for(profile, role.shape, dtype)
     if table is None:
         return ZERO_STAGES
     head = "lm" if role.lm_head else "value"

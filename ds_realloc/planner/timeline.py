@@ -7,12 +7,16 @@ spans, side by side when both are given.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Sequence
 
-from ds_realloc.dataflow.spans import read_timeline
+from ds_realloc.dataflow.spans import read_timeline, timeline_dir
 from ds_realloc.planner.simulate import CALL, MOVE, REALLOC, Span
+from ds_realloc.utils.config import option
+from ds_realloc.utils.errors import UserError
 
 LANE = 22  # pixels per rank
 WIDTH = 900  # pixels for the longest timeline
@@ -80,3 +84,50 @@ def measured_spans(run_dir: Path, step: int = 0) -> tuple[int, list[Span], int]:
     spans = [Span(s["mfc"] if s["kind"] == CALL else f"{s['kind']}:{s['mfc']}", s["mfc"], s["kind"], r["rank"],
                   s["start"] - origin, s["end"] - origin) for r in records for s in r["spans"]]
     return chosen, spans, max(r["rank"] for r in records) + 1
+
+
+@dataclass
+class TimelineConfig:
+    step: int = option(0, "the step to draw (0 = the last one recorded)")
+    out: str = option("", "the SVG file to write ('' = RUN_DIR/timeline.svg)")
+    device: str = option("", "with --plan: the device profile to predict with ('' = this machine's, as measured by "
+                             "ds-realloc profile and kept in the cache; or h100, h200, a100, a profile JSON)")
+
+
+def predicted_spans(run_dir: Path, device: str) -> tuple[list[Span], float]:
+    """The planner's timeline for the allocation a run used (its own config and world), and its step time."""
+    from ds_realloc.dataflow.catalog import find_experiment
+    from ds_realloc.planner.auto import machine_profile_path, typical_prompt_len
+    from ds_realloc.planner.profile import load_profile
+    from ds_realloc.planner.report import PlanConfig, estimate_config
+    from ds_realloc.utils.config import load_config
+
+    meta_path = timeline_dir(run_dir) / "run.json"
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path}: missing; the run that wrote this folder recorded no command")
+    meta = json.loads(meta_path.read_text())
+    experiment = find_experiment(meta["command"])
+    cfg = load_config(experiment.config_cls, run_dir / "config.json", [])
+    world = meta["world"]
+    path = device or str(machine_profile_path(world))
+    if not device and not Path(path).is_file():
+        raise UserError(f"--plan: no device profile of this machine at {path}; run 'ds-realloc profile "
+                        f"ranks={world} model={cfg.model.path} out={path}' or pass device=h100|h200|a100|FILE")
+    pcfg = PlanConfig(world=world, device=path, prompt_len=typical_prompt_len(experiment, cfg, world))
+    estimate, _ = estimate_config(experiment, cfg, pcfg, load_profile(path))
+    return list(estimate.timeline.spans), estimate.step_s
+
+
+def draw_run(run_dir: str, cfg: TimelineConfig, with_plan: bool = False) -> str:
+    """Write a run's measured timeline (and the prediction) as SVG; returns what was written."""
+    folder = Path(run_dir)
+    try:
+        step, spans, world = measured_spans(folder, cfg.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    panels = [(f"measured, step {step}", spans)]
+    if with_plan:
+        panels.append(("predicted by the planner", predicted_spans(folder, cfg.device)[0]))
+    out = Path(cfg.out) if cfg.out else folder / "timeline.svg"
+    out.write_text(timeline_svg(panels, world))
+    return f"wrote {out}: step {step} on {world} ranks" + (" beside the planner's prediction" if with_plan else "")

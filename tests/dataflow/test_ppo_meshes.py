@@ -99,6 +99,28 @@ def test_generation_runs_on_the_trained_weights_of_the_previous_step(tmp_path):
             assert row[f"time/{mfc}_s"] > 0
         assert row["realloc/actor_gen_recv_bytes"] > 0
 
+    # every rank recorded its spans of every step on the aligned clock: calls on their meshes, in order
+    from ds_realloc.dataflow.spans import read_timeline
+
+    timeline = read_timeline(tmp_path / "run")
+    assert sorted(timeline) == [1, 2, 3] and all([r["rank"] for r in recs] == [0, 1, 2, 3] for recs in timeline.values())
+    for records in timeline.values():
+        for record in records:
+            calls = {s["mfc"]: s for s in record["spans"] if s["kind"] == "call"}
+            mine = {mfc for mfc, (mesh, _) in ALLOCATIONS.items() if record["rank"] in
+                    (range(4) if mesh == "0-3" else (range(0, 2) if mesh == "0-1" else range(2, 4)))}
+            assert set(calls) == mine | {"rl_targets"}
+            assert all(record["start"] <= s["start"] <= s["end"] <= record["end"] for s in record["spans"])
+            assert calls["actor_gen"]["end"] <= calls.get("actor_train", calls.get("critic_train"))["start"]
+            realloc = [s for s in record["spans"] if s["kind"] == "realloc" and s["mfc"] == "actor_gen"]
+            assert len(realloc) == 1 and realloc[0]["end"] <= calls["actor_gen"]["start"]
+            assert record["memory_peak_bytes"] >= record["memory_start_bytes"] > 0
+    # the ranks' clocks agree: all of a step's actor_gen calls (one TP/DP layout over all ranks) start together
+    for records in timeline.values():
+        starts = [next(s["start"] for s in r["spans"] if s["mfc"] == "actor_gen" and s["kind"] == "call")
+                  for r in records]
+        assert max(starts) - min(starts) < 0.5
+
     # advantages and returns are computed once a step (rl_targets, each rank its rows) for both trainings
     assert [json.loads((tmp_path / f"gae_calls_rank{r}.json").read_text()) for r in range(4)] == [STEPS] * 4
 

@@ -82,7 +82,9 @@ def test_memory_terms():
     per_token = (5 * 64 + 64 + 64 + 3 * 128) * 2 + (2 + 4) * 4
     assert cost.activation_bytes(shape, 10, "bf16") == 2 * 10 * per_token
     peak = cost.train_state_bytes(shape, 3, 2, False, False, "bf16") + 2 * 64 * per_token + 64 * 100 * 8 + LAYER * 2
-    assert cost.train_peak_bytes(shape, 3, 2, 2, 32, False, False, "bf16") == peak
+    assert cost.train_peak_bytes(shape, 3, 2, 2, 32, False, False, "bf16") == peak + PARAMS * 2  # + the bucket
+    assert cost.gradient_bucket_bytes(shape, 1, "bf16") == 0 and cost.gradient_bucket_bytes(shape, 2, "fp32") == \
+        PARAMS * 4
     kv = 2 * 2 * 4 * 40 * 32 * 2
     assert cost.kv_cache_bytes(shape, 4, 40, "bf16") == kv
     assert cost.inference_peak_bytes(shape, 4, 40, 2, "bf16", 4) == (PARAMS * 2 + kv) // 2 + 4 * 50 * 4
