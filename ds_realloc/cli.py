@@ -276,7 +276,8 @@ def _plan(args: Sequence[str]) -> int:
 def _profile(args: Sequence[str]) -> int:
     import json
 
-    from ds_realloc.planner.measure import ProfileConfig, main
+    from ds_realloc.planner.measure import main
+    from ds_realloc.planner.profile_config import ProfileConfig
     from ds_realloc.utils.config import load_config
 
     if "--help" in args or "-h" in args:

@@ -66,8 +66,9 @@ def machine_profile(experiment: Experiment, cfg, world: int) -> DeviceProfile:
     from ds_realloc.engine.ds_config import auto_dtype
     from ds_realloc.planner.calibrated import signature
     from ds_realloc.planner.cost import ModelShape
-    from ds_realloc.planner.measure import ProfileConfig, measure
+    from ds_realloc.planner.measure import measure
     from ds_realloc.planner.measure_calls import measure_model
+    from ds_realloc.planner.profile_config import ProfileConfig
 
     path = machine_profile_path(world)
     dtype = auto_dtype() if cfg.engine.dtype == "auto" else cfg.engine.dtype

@@ -10,7 +10,6 @@ transient of any call the rank runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping, Sequence
@@ -29,6 +28,7 @@ from ds_realloc.planner.simulate import CALL, MOVE, REALLOC, Op, Timeline, play,
 
 DEEPSPEED_CHAT = frozenset({MFCKind.GENERATE, MFCKind.INFERENCE})  # every call on its engine (gather-once generation)
 OPENRLHF = frozenset({MFCKind.INFERENCE})  # its own TP generation engines; scoring by ZeRO-3 forwards
+INFEASIBLE_S = 1e9  # the objective of every plan that overflows some rank's memory starts here
 ROW_KEY_BYTES = 8  # an int64 per token of a token-level key (ids, log-probs, values, advantages)
 
 
@@ -467,10 +467,12 @@ class Evaluator:
                         tuple(resident))
 
     def objective(self, choices: Mapping[str, Choice]) -> float:
-        """The step time, or infinity when some rank's memory overflows."""
+        """The step time; when some rank's memory overflows, INFEASIBLE_S plus the worst overflow as a fraction
+        of the device memory: never chosen over a plan that fits, but the search can walk towards one that does."""
         estimate = self.estimate(choices)
-        if max(estimate.peak_bytes) > self.profile.memory_bytes:
-            return math.inf
+        overflow = max(estimate.peak_bytes) - self.profile.memory_bytes
+        if overflow > 0:
+            return INFEASIBLE_S + overflow / self.profile.memory_bytes
         return estimate.step_s
 
 

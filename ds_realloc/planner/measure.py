@@ -12,57 +12,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 
+from ds_realloc.planner.measure_calls import best_s, measure_model
 from ds_realloc.planner.profile import DeviceProfile, Link
-from ds_realloc.utils.config import invalid, option
+from ds_realloc.planner.profile_config import ProfileConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _GEMMS = ((2048, 2048, 2048), (4096, 1024, 1024), (512, 4096, 1024))  # (m, n, k)
-
-
-@dataclass
-class ProfileConfig:
-    ranks: int = option(2, "ranks per host the profile is for (each gets cores / ranks threads)")
-    out: str = option("", "where to write the profile JSON ('' = print it)")
-    name: str = option("this-machine", "the profile's name")
-    repeats: int = option(3, "timed repetitions per measurement (the fastest counts)")
-    model: str = option("", "also time this model's calls (a folder or preset, as model.path); the planner then "
-                            "uses those times for models of its shape ('' = none)")
-    dtype: str = option("auto", "dtype of the timed calls: auto (the runs' engine.dtype=auto), bf16 or fp32")
-    rows: list[int] = option([4, 16], "the two row counts per rank the calls are timed at")
-    prompt_len: int = option(64, "prompt tokens of the timed sequences")
-    new_tokens: int = option(16, "generated tokens of the timed sequences (at least 3)")
-    stages: list[int] = option([2, 3], "ZeRO stages whose engines are timed (stage 1 computes as 2 on one rank)")
-
-    def validate(self) -> None:
-        if self.ranks < 1:
-            raise invalid("ranks", "must be at least 1")
-        if self.repeats < 1:
-            raise invalid("repeats", "must be at least 1")
-        if len(self.rows) != 2 or self.rows[0] == self.rows[1] or min(self.rows) < 1:
-            raise invalid("rows", f"must be two different positive row counts, got {self.rows}")
-        if self.new_tokens < 3:
-            raise invalid("new_tokens", "must be at least 3 (a decode step is timed as a difference of lengths)")
-        if not self.stages or any(s not in (0, 1, 2, 3) for s in self.stages):
-            raise invalid("stages", f"must be ZeRO stages 0-3, got {self.stages}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise invalid("dtype", f"must be auto, bf16 or fp32, got {self.dtype}")
-
-
-def _best_s(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def matmul_flops(dtype: torch.dtype, repeats: int) -> float:
@@ -70,7 +30,7 @@ def matmul_flops(dtype: torch.dtype, repeats: int) -> float:
     best = 0.0
     for m, n, k in _GEMMS:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        best = max(best, 2 * m * n * k / _best_s(lambda: a @ b, repeats))
+        best = max(best, 2 * m * n * k / best_s(lambda: a @ b, repeats))
     return best
 
 
@@ -78,7 +38,7 @@ def memory_bandwidth(repeats: int, nbytes: int = 1 << 29) -> float:
     """Bytes read and written per second by a copy of `nbytes` (512 MiB: past any cache)."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _best_s(lambda: dst.copy_(src), repeats)
+    return 2 * nbytes / best_s(lambda: dst.copy_(src), repeats)
 
 
 def _fit(sizes: list[int], seconds: list[float]) -> Link:
@@ -101,7 +61,7 @@ def _collective_rank(rank: int, world: int, repeats: int) -> Link | None:
             dist.all_reduce(tensor)
             dist.barrier()
 
-        seconds.append(_best_s(reduce, repeats))
+        seconds.append(best_s(reduce, repeats))
     if rank:
         return None
     steps = 2 * (world - 1)
@@ -122,7 +82,6 @@ def measure(cfg: ProfileConfig) -> DeviceProfile:
     models = {}
     if cfg.model:
         from ds_realloc.models.presets import resolve_model_path
-        from ds_realloc.planner.measure_calls import measure_model
 
         models = measure_model(cfg, resolve_model_path(cfg.model, field="model"))
     return DeviceProfile(

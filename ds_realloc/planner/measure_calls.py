@@ -27,7 +27,7 @@ import torch
 LAYERS = (1, 3)
 
 
-def _best_s(fn, repeats: int) -> float:
+def best_s(fn, repeats: int) -> float:
     fn()  # warm-up: first-call costs (allocator, plan building, thread pools)
     best = float("inf")
     for _ in range(repeats):
@@ -45,7 +45,7 @@ def _synchronised_best_s(fn, repeats: int) -> float:
         dist.barrier()
         fn()
 
-    seconds = torch.tensor([_best_s(together, repeats)], dtype=torch.float64)
+    seconds = torch.tensor([best_s(together, repeats)], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return float(seconds)
 
@@ -202,7 +202,7 @@ def _model_rank(rank: int, world: int, model_path: str, cfg_dict: dict) -> dict 
     from ds_realloc.engine.ds_config import auto_dtype
     from ds_realloc.planner.calibrated import Fit, ModelTable, signature
     from ds_realloc.planner.cost import ModelShape
-    from ds_realloc.planner.measure import ProfileConfig
+    from ds_realloc.planner.profile_config import ProfileConfig
     from ds_realloc.utils.dist import comm_device
     from ds_realloc.utils.memory import return_freed_memory
 

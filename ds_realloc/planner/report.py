@@ -40,8 +40,9 @@ class PlanConfig:
     prompt_len: int = option(0, "prompt tokens per sample (0 = data.max_prompt_len)")
     seed: int = option(0, "seed of the stochastic search (every run finds the same plan)")
     iterations: int = option(30_000, "proposals of the stochastic search")
-    budget_s: float = option(50.0, "time limit of the stochastic search, seconds (it stops earlier, after a fixed "
-                                   "number of proposals, on any machine that is not slow)")
+    budget_s: float = option(50.0, "time limit of the stochastic search and its descents, seconds (a search that "
+                                   "hits it depends on the machine's speed; small spaces finish after a fixed "
+                                   "number of proposals)")
 
     def validate(self) -> None:
         if self.world < 1:

@@ -24,8 +24,8 @@ from ds_realloc.layout.layout import Layout
 from ds_realloc.layout.mesh import DeviceMesh, Strategy
 from ds_realloc.planner import cost
 from ds_realloc.planner.calibrated import stage_key, table_for
-from ds_realloc.planner.estimate import (Choice, Estimate, Evaluator, RoleModel, TrainSetting, Workload,
-                                         with_scores)
+from ds_realloc.planner.estimate import (INFEASIBLE_S, Choice, Estimate, Evaluator, RoleModel, TrainSetting,
+                                         Workload, with_scores)
 from ds_realloc.planner.profile import DeviceProfile
 from ds_realloc.utils.errors import ConfigError
 
@@ -116,7 +116,7 @@ def _anneal(cost_of, sizes: Mapping[str, int], on_mesh: Mapping[str, Mapping[Dev
     rng = random.Random(seed)
     state, current = dict(start), cost_of(start)
     best, best_cost = dict(state), current
-    scale = current if math.isfinite(current) else 1.0
+    scale = current if current < INFEASIBLE_S else 1.0  # until a plan that fits sets the scale of step times
     deadline = time.perf_counter() + budget_s
     movable = [n for n, size in sizes.items() if size > 1]
     for i in range(iterations):
@@ -129,20 +129,26 @@ def _anneal(cost_of, sizes: Mapping[str, int], on_mesh: Mapping[str, Mapping[Dev
             mesh = rng.choice(meshes[name])
             proposal.update({n: rng.choice(by_mesh[mesh]) for n, by_mesh in on_mesh.items() if mesh in by_mesh})
         value = cost_of(proposal)
-        if value <= current or (math.isfinite(value) and rng.random() < math.exp(-(value - current) / temperature)):
+        if value <= current or rng.random() < math.exp(-(value - current) / temperature):
             state, current = proposal, value
             if value < best_cost:
+                if best_cost >= INFEASIBLE_S > value:
+                    scale = value
                 best, best_cost = dict(proposal), value
     return best
 
 
-def _descend(cost_of, sizes: Mapping[str, int], start: dict[str, int], rounds: int = 3) -> dict[str, int]:
-    """Coordinate descent: each MFC in turn takes its best option with the others fixed, until nothing improves."""
+def _descend(cost_of, sizes: Mapping[str, int], start: dict[str, int], deadline: float = math.inf,
+             rounds: int = 3) -> dict[str, int]:
+    """Coordinate descent: each MFC in turn takes its best option with the others fixed, until nothing improves
+    (or the deadline passes)."""
     state, current = dict(start), cost_of(start)
     for _ in range(rounds):
         improved = False
         for name, size in sizes.items():
             for index in range(size):
+                if time.perf_counter() > deadline:
+                    return state
                 proposal = dict(state, **{name: index})
                 value = cost_of(proposal)
                 if value < current:
@@ -193,10 +199,15 @@ def search(mfcs: Sequence[MFC], roles: Mapping[str, RoleModel], work: Workload, 
         start = {n: next((i for i, c in enumerate(options[n]) if default.get(n) == c), 0) for n in names}
         on_mesh = {n: _indices_by_mesh(options[n]) for n in names}
         meshes_of = {n: list(on_mesh[n]) for n in names}
-        annealed = _anneal(cost_of, sizes, on_mesh, meshes_of, _descend(cost_of, sizes, start), seed, budget_s,
-                           iterations)
-        best_state = _descend(cost_of, sizes, annealed)
-    if not math.isfinite(cost_of(best_state)):
+        # the whole search keeps to budget_s: a fifth for each descent, the rest for the annealing
+        deadline = began + budget_s
+        # from the default and from a lean start (little memory per rank: large models), the better descent
+        first = min((_descend(cost_of, sizes, begin, began + share * budget_s)
+                     for begin, share in ((start, 0.1), (_lean(options, start), 0.2))), key=cost_of)
+        annealed = _anneal(cost_of, sizes, on_mesh, meshes_of, first, seed, max(0.0, deadline - 0.2 * budget_s -
+                                                                              time.perf_counter()), iterations)
+        best_state = _descend(cost_of, sizes, annealed, deadline)
+    if cost_of(best_state) >= INFEASIBLE_S:
         raise ConfigError(_no_fit_message(roles, profile))
     choices = plan_of(best_state)
     return Plan(choices, evaluator.estimate(choices), evaluator.evaluated, space <= EXHAUSTIVE_LIMIT,
@@ -212,6 +223,24 @@ def measured_stages(profile: DeviceProfile, role: RoleModel, dtype: str) -> tupl
     head = "lm" if role.lm_head else "value"
     return tuple(s for s in ZERO_STAGES if stage_key(s, table.fits, head, "train") and
                  stage_key(s, table.fits, head, "optimizer")) or ZERO_STAGES
+
+
+def _lean(options: Mapping[str, Sequence[Choice]], start: Mapping[str, int]) -> dict[str, int]:
+    """A start that spends little memory: every generate / inference call on the largest mesh with its largest
+    tensor parallelism (the smallest shards and caches), training on its mesh in `start` with ZeRO-3 and the
+    smallest micro-batch; a search from a default that
+    overflows memory (large models) begins inside or near the plans that fit."""
+    lean = dict(start)
+    for name, choices in options.items():
+        if choices and choices[0].train is None:
+            lean[name] = max(range(len(choices)), key=lambda i: (choices[i].allocation.mesh.size,
+                                                                 choices[i].allocation.strategy.tp))
+        elif choices:  # the same mesh, ZeRO-3 and the smallest micro-batch (the fewest activations)
+            mesh = choices[start[name]].allocation.mesh
+            lean[name] = min(range(len(choices)), key=lambda i: (choices[i].allocation.mesh != mesh,
+                                                                 -choices[i].train.zero_stage,
+                                                                 choices[i].train.micro_batch))
+    return lean
 
 
 def _indices_by_mesh(options: Sequence[Choice]) -> dict[DeviceMesh, list[int]]:

@@ -6,7 +6,7 @@ import math
 from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.planner.calibrated import ModelTable, signature
 from ds_realloc.planner.cost import ModelShape
-from ds_realloc.planner.measure import ProfileConfig
+from ds_realloc.planner.profile_config import ProfileConfig
 from ds_realloc.planner.measure_calls import measure_model
 
 
