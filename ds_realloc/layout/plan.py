@@ -64,6 +64,8 @@ class PlanStats:
     lower_bound: dict[int, int]
     local: dict[int, int]
     messages: int
+    bucket: dict[int, int] = field(default_factory=dict)  # per rank: the most one unit sends + receives
+
 
     @property
     def busiest(self) -> tuple[int, int]:
@@ -200,6 +202,7 @@ class ReallocPlan:
 
     def stats(self) -> PlanStats:
         recv, send, local = defaultdict(int), defaultdict(int), defaultdict(int)
+        moved = defaultdict(int)  # (rank, unit) -> elements sent + received: one bucket's buffers
         pairs: set[tuple[int, int]] = set()
         for key, ranks in self.dst.key_ranks().items():
             single_total, single_held = 0, defaultdict(int)
@@ -207,6 +210,12 @@ class ReallocPlan:
                 if len(need.options) == 1:
                     single_total += need.numel
                     single_held[need.options[0][0]] += need.numel
+                    holder = need.options[0][0]
+                    receivers = sum(d != holder for d in ranks)
+                    moved[(holder, need.unit)] += need.numel * receivers
+                    for d in ranks:
+                        if d != holder:
+                            moved[(d, need.unit)] += need.numel
                     continue
                 for d in ranks:
                     src = self._choices[(d, key, index)][0]
@@ -215,6 +224,8 @@ class ReallocPlan:
                     else:
                         recv[d] += need.numel
                         send[src] += need.numel
+                        moved[(d, need.unit)] += need.numel
+                        moved[(src, need.unit)] += need.numel
                         pairs.add((src, d))
             for d in ranks:
                 mine = single_held.get(d, 0)
@@ -224,8 +235,11 @@ class ReallocPlan:
                 receivers = [d for d in ranks if d != holder]
                 send[holder] += numel * len(receivers)
                 pairs.update((holder, d) for d in receivers)
+        bucket: dict[int, int] = defaultdict(int)
+        for (rank, _), numel in moved.items():
+            bucket[rank] = max(bucket[rank], numel)
         return PlanStats(dict(recv), dict(send), lower_bound(self.src, self.dst, self.needs), dict(local),
-                         len(pairs))
+                         len(pairs), dict(bucket))
 
     # -- execution programs ------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ transient of any call the rank runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from ds_realloc.comm.batches import route
 from ds_realloc.dataflow.allocation import Allocation
@@ -173,15 +173,62 @@ def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Wor
     return work.epochs * micro_batches * micro_s + steps * (traffic + optimizer)
 
 
+class Traffic(NamedTuple):
+    """What a reallocation moves: its ranks, the busiest destination's elements, its messages, and per rank
+    the most elements one bucket (one pipeline unit) holds in send and receive buffers at once."""
+
+    ranks: tuple[int, ...]
+    received: int
+    messages: int
+    bucket: tuple[tuple[int, int], ...]
+
+
 @lru_cache(maxsize=4096)
-def _plan_traffic(spec: ModelSpec, src: Layout, dst: Layout) -> tuple[tuple[int, ...], int, int]:
-    """(ranks that send or receive, elements the busiest destination rank receives, messages) of our plan."""
+def _plan_traffic(spec: ModelSpec, src: Layout, dst: Layout) -> Traffic:
+    """Our plan's own traffic."""
     stats = ReallocPlan.build(spec, src, dst).stats()
     ranks = tuple(sorted({r for r, v in stats.recv.items() if v} | {r for r, v in stats.send.items() if v}))
-    return ranks, max(stats.recv.values(), default=0), stats.messages
+    return Traffic(ranks, max(stats.recv.values(), default=0), stats.messages,
+                   tuple(sorted((r, v) for r, v in stats.bucket.items() if v)))
 
 
 EXACT_PLAN_RANKS = 16  # up to this many ranks a plan builds in milliseconds; above, the analytic bound
+
+
+def truncated(spec: ModelSpec, layers: int) -> ModelSpec:
+    """The model with only its first `layers` transformer layers (embeddings and head kept)."""
+    last = spec.num_layers + 1
+    params = tuple(p if p.unit <= layers else replace(p, unit=layers + 1)
+                   for p in spec.params if p.unit <= layers or p.unit == last)
+    return ModelSpec(spec.family, params, layers, spec.tied_head)
+
+
+def _uniform(spec: ModelSpec) -> bool:
+    """Whether every transformer layer has the same parameters (shapes, shard rules)."""
+    layers: dict[int, list] = {}
+    for p in spec.params:
+        layers.setdefault(p.unit, []).append((p.shape, p.rule, p.experts))
+    return len({tuple(layers.get(u, ())) for u in range(1, spec.num_layers + 1)}) <= 1
+
+
+def layer_scaled(traffic, spec: ModelSpec, src: Layout, dst: Layout) -> Traffic:
+    """`traffic` of the whole model from its 1- and 2-layer truncations: ZeRO-3 partitions each parameter
+    on its own and tensor-parallel shards each layer alike, so with identical layers every rank's bytes
+    grow by the same amount per layer and a bucket (one layer) is the same. A test checks it against the
+    whole model's exact plans (equal, but for the bucket of whole replicas sending outside their mesh:
+    the plan spreads the units over the senders a little differently, within 15%). Pipeline layouts,
+    and models whose layers differ, take the whole model."""
+    if spec.num_layers <= 2 or max(src.strategy.pp, dst.strategy.pp) > 1 or not _uniform(spec):
+        return traffic(spec, src, dst)
+    one, two = (traffic(*_on(truncated(spec, k), src, dst)) for k in (1, 2))
+    if not two.ranks:
+        return two
+    received = one.received + (spec.num_layers - 1) * (two.received - one.received)
+    return Traffic(two.ranks, received, two.messages, two.bucket)
+
+
+def _on(spec: ModelSpec, src: Layout, dst: Layout) -> tuple[ModelSpec, Layout, Layout]:
+    return (spec, replace(src, model=spec, _cache={}), replace(dst, model=spec, _cache={}))
 
 
 def _covered_below(run, x: int) -> int:
@@ -207,13 +254,13 @@ def _received(dst: Layout, tp_rank: int, interval) -> int:
     return total
 
 
-def analytic_traffic(spec: ModelSpec, src: Layout, dst: Layout, samples: int = 8) -> tuple[tuple[int, ...], int, int]:
+def analytic_traffic(spec: ModelSpec, src: Layout, dst: Layout, samples: int = 8) -> Traffic:
     """What `_plan_traffic` reports, computed from the two layouts without building the plan: in each
     tensor-parallel group the shards go to the ranks that hold most of them already (as the plan
     places them), and a rank receives what its shard needs beyond its own ZeRO-3 partition (nothing
     from a whole replica, all of it on a rank outside the source mesh). Evaluated on `samples`
     data-parallel groups spread over the destination (the layouts are regular); a test checks it
-    against the exact plan."""
+    against the exact plan. Bucket buffers are estimated (`bucket_estimate`)."""
     home = set(src.ranks)
     numel = {p.name: p.numel for p in spec.params}
     h, s = src.strategy.dp, dst.strategy
@@ -239,9 +286,28 @@ def analytic_traffic(spec: ModelSpec, src: Layout, dst: Layout, samples: int = 8
         assignment = max_weight_assignment([[need[k] - row[k] for k in range(s.tp)] for row in matrix])
         busiest = max([busiest] + [row[k] for row, k in zip(matrix, assignment)])
     if not busiest:
-        return (), 0, 0
+        return Traffic((), 0, 0, ())
     ranks = tuple(sorted(home | set(dst.ranks)))
-    return ranks, busiest, len(dst.ranks) * min(h, len(ranks))
+    return Traffic(ranks, busiest, len(dst.ranks) * min(h, len(ranks)), bucket_estimate(spec, src, dst))
+
+
+def bucket_estimate(spec: ModelSpec, src: Layout, dst: Layout) -> tuple[tuple[int, int], ...]:
+    """Per rank, the elements one bucket of the plan holds, from the layouts: a destination rank receives
+    its shard of the largest unit; a ZeRO-3 source rank sends its partition of the unit to every
+    data-parallel replica of the destination, a whole replica its share of the ranks outside the source
+    mesh. Pessimistic where a shard overlaps the rank's own partition; a test bounds it against the exact
+    plan's."""
+    largest = max(spec.unit_numel())
+    home, h, s = set(src.ranks), src.strategy.dp, dst.strategy
+    outside = len(set(dst.ranks) - home)
+    out = []
+    for rank in sorted(home | set(dst.ranks)):
+        received = -(-largest // s.tp) if rank in dst.ranks and (rank not in home or src.strategy.zero3) else 0
+        sent = 0
+        if rank in home:
+            sent = -(-largest // h) * s.dp if src.strategy.zero3 else -(-outside // h) * -(-largest // s.tp)
+        out.append((rank, received + sent))
+    return tuple(out)
 
 
 def source_layout(role: RoleModel, home: DeviceMesh, train: TrainSetting | None) -> Layout:
@@ -252,21 +318,22 @@ def source_layout(role: RoleModel, home: DeviceMesh, train: TrainSetting | None)
 
 
 def realloc_op(mfc: MFC, allocation: Allocation, role: RoleModel, home: DeviceMesh, train: TrainSetting | None,
-               work: Workload, profile: DeviceProfile) -> Op | None:
+               work: Workload, profile: DeviceProfile) -> tuple[Op | None, dict[int, int]]:
     """The weights' move into the call's layout in a steady-state step (None when nothing moves: a frozen,
-    resident role keeps its copy between steps)."""
+    resident role keeps its copy between steps), and the bytes of its bucket buffers per rank."""
     if not role.trainable and not role.offload:
-        return None
+        return None, {}
     dst = Layout(role.spec, allocation.mesh, allocation.strategy, fused=True)
     src = source_layout(role, home, train)
     traffic = _plan_traffic if len(set(home.ranks) | set(allocation.mesh.ranks)) <= EXACT_PLAN_RANKS \
         else analytic_traffic
-    ranks, received, messages = traffic(role.spec, src, dst)
+    ranks, received, messages, bucket = layer_scaled(traffic, role.spec, src, dst)
     if not ranks:
-        return None
+        return None, {}
     link = mesh_link(sorted(set(ranks) | set(home.ranks)), profile)
     per_rank_messages = max(1, messages // max(1, len(allocation.mesh.ranks)))
-    return Op(mfc.name, REALLOC, ranks, cost.transfer_s(received * cost.BYTES[work.dtype], link, per_rank_messages))
+    op = Op(mfc.name, REALLOC, ranks, cost.transfer_s(received * cost.BYTES[work.dtype], link, per_rank_messages))
+    return op, {r: n * cost.BYTES[work.dtype] for r, n in bucket}
 
 
 def move_ops(mfc: MFC, allocations: Mapping[str, Allocation], producers: Mapping[str, str | None], work: Workload,
@@ -426,7 +493,8 @@ class Evaluator:
             self._calls[key] = (seconds, extra)
         return self._calls[key]
 
-    def _realloc(self, mfc: MFC, choice: Choice, home: DeviceMesh, setting: TrainSetting | None) -> Op | None:
+    def _realloc(self, mfc: MFC, choice: Choice, home: DeviceMesh,
+                 setting: TrainSetting | None) -> tuple[Op | None, dict[int, int]]:
         key = (mfc.name, choice.allocation.mesh, choice.allocation.strategy, home, setting)
         if key not in self._reallocs:
             self._reallocs[key] = realloc_op(mfc, choice.allocation, self.roles[mfc.role], home, setting, self.work,
@@ -454,9 +522,11 @@ class Evaluator:
             call_s[mfc.name] = seconds
             moves[mfc.name] = self._move(mfc, allocations)
             if mfc.role in self.roles and not mfc.kind.on_engine and mfc.kind not in self.on_engine:
-                op = self._realloc(mfc, choice, homes[mfc.role], setting)
+                op, buckets = self._realloc(mfc, choice, homes[mfc.role], setting)
                 if op is not None:
                     reallocs[mfc.name], realloc_s[mfc.name] = op, op.seconds
+                for r, nbytes in buckets.items():  # a rank that only sends holds its send buffers
+                    transient[r] = max(transient[r], nbytes)
             for r in choice.allocation.mesh.ranks:
                 transient[r] = max(transient[r], extra)
         settings = {self.trainer[r]: choices[self.trainer[r]].train for r in self.trainer}

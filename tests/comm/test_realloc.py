@@ -52,7 +52,7 @@ def _every_pair(rank, world, preset, dtype_names):
 
     from ds_realloc import ops
     from ds_realloc.comm import realloc
-    from ds_realloc.comm.realloc import reallocate
+    from ds_realloc.comm.realloc import ReallocStats, reallocate
 
     assert (ops.kernel("interval_copy") is not None) == (os.environ["DS_REALLOC_DISABLE_OPS"] == "0")
     realloc.KERNEL_MIN_PIECES = 1  # every transfer through the kernel (where loaded), not only the irregular ones
@@ -70,7 +70,10 @@ def _every_pair(rank, world, preset, dtype_names):
                 dst = _layout(model, dst_s, dst_ranks, fused=(i + j) % 2 == 1)
                 plan = ReallocPlan.build(model, src, dst)
                 sources = source_buffers(src, rank, state, dtype) if rank in src.ranks else {}
-                got = reallocate(plan, sources, dtype, torch.device("cpu"))
+                executed = ReallocStats()
+                got = reallocate(plan, sources, dtype, torch.device("cpu"), stats=executed)
+                if executed.peak_bucket_bytes != plan.stats().bucket.get(rank, 0) * dtype.itemsize:
+                    mismatches.append((str(src), str(plan.dst), str(dtype), "bucket bytes"))  # what the planner counts
                 if rank in plan.dst.ranks:
                     want = expected_buffers(plan.dst, rank, state, dtype)
                     assert set(got) == set(want), (src, dst)

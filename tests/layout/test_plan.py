@@ -55,6 +55,10 @@ def _check(plan: ReallocPlan, sample_ranks: int = 24, seed: int = 0):
         held_needed = sum(1 for where in expected.values() for v in where.values() if v in held)
         assert received == stats.recv.get(d, 0) == needed_total - held_needed
     assert sum(stats.recv.values()) == sum(stats.send.values())
+    for r in checked + [s for s in src.ranks if s not in dst.ranks][:sample_ranks]:
+        # one bucket's send and receive buffers, as `reallocate` allocates them from the programme
+        held = [sum(t.numel for ts in (*b.send.values(), *b.recv.values()) for t in ts) for b in plan.program(r)]
+        assert stats.bucket.get(r, 0) == max(held, default=0), f"rank {r}: bucket bytes"
     # the bound's per-rank split may be another optimal placement's; its total is what any optimum receives
     assert sum(stats.recv.values()) == sum(stats.lower_bound.values())
 
