@@ -13,7 +13,8 @@ so the real model's time is extrapolated in its layer count and interpolated in 
 Operation keys: `decode_t<tp>` / `prefill_t<tp>` (generation), `score_<head>_t<tp>` (an inference
 forward, head `lm` = log-probs or `value`), `train_<head>_z<stage>` (one micro-batch's forward and
 backward), `optimizer_<head>_z<stage>` (one optimizer step at dp=1), `engine_score_<head>_z<stage>`
-(an engine's no-grad forward: the recompute of old log-probs / values).
+(an engine's no-grad forward: the recompute of old log-probs / values), and `memory_<head>_z<stage>`
+in bytes (what a steady training micro-batch holds above the level before it).
 """
 
 from __future__ import annotations
@@ -108,4 +109,11 @@ def score_s(table: ModelTable, shape: ModelShape, head: str, tokens: int, tp: in
 def engine_s(table: ModelTable, shape: ModelShape, head: str, stage: int, kind: str, tokens: int) -> float | None:
     """`kind` train (a micro-batch's forward + backward), engine_score (its no-grad forward) or optimizer."""
     key = stage_key(stage, table.fits, head, kind)
+    return None if key is None else table.fits[key].at(shape.layers, tokens)
+
+
+def train_transient_bytes(table: ModelTable, shape: ModelShape, head: str, stage: int, tokens: int) -> float | None:
+    """What a steady training micro-batch of `tokens` holds above its engine's persistent states (measured
+    on one rank; stage 1 and 2 stand for each other)."""
+    key = stage_key(stage, table.fits, head, "memory")
     return None if key is None else table.fits[key].at(shape.layers, tokens)

@@ -373,10 +373,11 @@ def resident_bytes(roles: Mapping[str, RoleModel], homes: Mapping[str, DeviceMes
         home = homes.get(name)
         if home is None:
             continue
-        if role.trainable:
+        if role.trainable:  # the gradient bucket's pages, once touched by the first backward, stay
             setting = train.get(trainer[name], TrainSetting())
             per_rank = cost.train_state_bytes(role.shape, setting.zero_stage, home.size, setting.offload_optimizer,
-                                              setting.offload_param, dtype)
+                                              setting.offload_param, dtype) + \
+                cost.gradient_bucket_bytes(role.shape, setting.zero_stage, dtype)
         else:
             per_rank = 0 if role.offload else cost.weight_bytes(role.shape, dtype) // home.size
         for r in home.ranks:
@@ -397,7 +398,8 @@ MASTER_BYTES = 4  # of ADAM_STATE_BYTES: the fp32 master weights, made when the 
 def startup_bytes(roles: Mapping[str, RoleModel], homes: Mapping[str, DeviceMesh], mfcs: Sequence[MFC],
                   train: Mapping[str, TrainSetting], world: int, dtype: str) -> list[int]:
     """What each rank holds right after start-up: the engines' weights (partitions or replicas) and, for
-    trained roles, the fp32 master weights; gradients, Adam's moments and inference copies come later."""
+    trained roles, the fp32 master weights (and under ZeRO-3 the gradient partitions, zeroed when the
+    engine is built); Adam's moments, the gradient bucket's pages and inference copies come later."""
     out = [0] * world
     trainer = {m.role: m.name for m in mfcs if m.kind is MFCKind.TRAIN}
     for name, role in roles.items():
@@ -409,7 +411,8 @@ def startup_bytes(roles: Mapping[str, RoleModel], homes: Mapping[str, DeviceMesh
             weights = cost.weight_bytes(role.shape, dtype) // (home.size if setting.zero_stage == 3 else 1)
             master = 0 if setting.zero_stage == 0 and not setting.offload_optimizer else \
                 role.shape.params * MASTER_BYTES // (home.size if setting.zero_stage >= 1 else 1)
-            per_rank = (0 if setting.offload_param else weights) + master
+            gradients = cost.weight_bytes(role.shape, dtype) // home.size if setting.zero_stage == 3 else 0
+            per_rank = (0 if setting.offload_param else weights) + master + gradients
         else:
             per_rank = 0 if role.offload else cost.weight_bytes(role.shape, dtype) // home.size
         for r in home.ranks:
@@ -417,10 +420,23 @@ def startup_bytes(roles: Mapping[str, RoleModel], homes: Mapping[str, DeviceMesh
     return out
 
 
+def _measured_train_bytes(role: RoleModel, setting: TrainSetting, tokens: int, work: Workload,
+                          profile: DeviceProfile | None) -> int | None:
+    """A training micro-batch's transient memory from the profile's measurement of this model (None
+    without one, or with offload, which the profile does not measure)."""
+    table = None if profile is None else calibrated.table_for(profile, role.shape, work.dtype)
+    if table is None or setting.offload_optimizer or setting.offload_param:
+        return None
+    measured = calibrated.train_transient_bytes(table, role.shape, _head(role), setting.zero_stage, tokens)
+    return None if measured is None else round(measured)
+
+
 def transient_bytes(mfc: MFC, allocation: Allocation, role: RoleModel, work: Workload,
-                    train: TrainSetting | None, on_engine: frozenset = frozenset()) -> int:
+                    train: TrainSetting | None, on_engine: frozenset = frozenset(),
+                    profile: DeviceProfile | None = None) -> int:
     """What one call adds on each of its ranks while it runs (on top of the resident states); with
-    a generation `on_engine` holds the whole gathered model, an inference `on_engine` is an engine forward."""
+    a generation `on_engine` holds the whole gathered model, an inference `on_engine` is an engine forward;
+    a training micro-batch's is the profile's measurement where it has one."""
     dtype = work.dtype
     if mfc.kind is MFCKind.GENERATE and mfc.kind in on_engine:
         rows = work.rows // allocation.mesh.size
@@ -429,11 +445,17 @@ def transient_bytes(mfc: MFC, allocation: Allocation, role: RoleModel, work: Wor
         setting = train or TrainSetting(micro_batch=max(1, work.rows // allocation.mesh.size))
         micro, length = setting.micro_batch, work.length
         if mfc.kind is MFCKind.TRAIN:
+            rows = max(1, min(micro, work.rows // allocation.mesh.size // work.minibatches))  # as it runs
+            measured = _measured_train_bytes(role, setting, rows * length, work, profile)
+            if measured is not None:
+                return measured
             states = cost.train_state_bytes(role.shape, setting.zero_stage, allocation.mesh.size,
                                             setting.offload_optimizer, setting.offload_param, dtype)
             return cost.train_peak_bytes(role.shape, setting.zero_stage, allocation.mesh.size, micro, length,
                                          setting.offload_optimizer, setting.offload_param, dtype,
-                                         role.lm_head) - states
+                                         role.lm_head) - states - cost.gradient_bucket_bytes(role.shape,
+                                                                                             setting.zero_stage,
+                                                                                             dtype)
         gathered = role.shape.layer_params // role.shape.layers * cost.BYTES[dtype] if setting.zero_stage == 3 else 0
         logits = cost.logits_bytes(micro * length, role.shape.vocab, backward=False) if role.lm_head else 0
         return logits + gathered
@@ -489,7 +511,7 @@ class Evaluator:
             seconds = call_seconds(mfc, choice.allocation, role, self.work, setting, self.profile,
                                    self.on_engine)
             extra = 0 if role is None else transient_bytes(mfc, choice.allocation, role, self.work, setting,
-                                                           self.on_engine)
+                                                           self.on_engine, self.profile)
             self._calls[key] = (seconds, extra)
         return self._calls[key]
 

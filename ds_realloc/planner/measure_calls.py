@@ -8,7 +8,8 @@ memory bandwidth and caches they share are shared as in a run:
 - an inference forward over whole sequences (log-probs or values) on the same layouts;
 - DeepSpeed engines per ZeRO stage on a group of one rank each (data parallelism adds the link
   model's collectives): one micro-batch's forward and backward (the policy's log-probs or the
-  critic's values, as the training calls compute them), the optimizer step, a no-grad forward.
+  critic's values, as the training calls compute them), the optimizer step, a no-grad forward; and the
+  memory a steady training micro-batch holds above the level before it.
 Each rank sets up its process as the runner does (on CPU, freed memory returned to the system at
 once, which makes every large tensor a fresh mapping: an HF forward of SmolLM2 on [8, 54] tokens
 takes 0.33 s so against 0.23 s without). Nothing here runs an experiment, so no run the planner
@@ -136,7 +137,10 @@ def _inference_times(paths: dict[int, Path], world: int, cfg, dtype: str) -> dic
 
 
 def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
-    """{operation: {(layers, tokens): seconds}} of DeepSpeed engines on a group of this rank alone."""
+    """{operation: {(layers, tokens): seconds}} of DeepSpeed engines on a group of this rank alone, and
+    `memory_<head>_z<stage>`: {(layers, tokens): bytes} a steady micro-batch (forward, backward, optimizer
+    step) holds above the level before it (activations, logits, gathered layers, temporaries; what
+    persists after the first step, Adam's moments and the touched gradient bucket, is not in it)."""
     import torch.distributed as dist
 
     from ds_realloc.algorithms.policy import critic_values, policy_logprobs
@@ -144,6 +148,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
     from ds_realloc.engine.ds_config import BatchGeometry, train_ds_config
     from ds_realloc.engine.factory import build_train_engine
     from ds_realloc.utils.dist import group_of
+    from ds_realloc.utils.memory import peak_memory, reset_peak_memory
 
     rank = dist.get_rank()
     times: dict[str, dict] = {}
@@ -162,6 +167,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
 
                     def micro_step():
                         engine.set_gradient_accumulation_boundary(True)
+                        level = reset_peak_memory()
                         start = time.perf_counter()
                         out = forward(engine, batch)
                         loss = (out[0] if head == "lm" else out).float().mean()
@@ -169,8 +175,10 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
                         middle = time.perf_counter()
                         engine.step()
                         phases["train"], phases["optimizer"] = middle - start, time.perf_counter() - middle
+                        transient[0] = peak_memory() - level  # the last (steady) step's counts
 
                     best: dict[str, float] = {}
+                    transient = [0]
                     for i in range(cfg.repeats + 1):  # the first is a warm-up
                         dist.barrier()
                         micro_step()
@@ -178,6 +186,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
                             best = {k: min(v, best.get(k, float("inf"))) for k, v in phases.items()}
                     for kind, seconds in best.items():
                         times.setdefault(f"{kind}_{head}_z{stage}", {})[(layers, tokens)] = seconds
+                    times.setdefault(f"memory_{head}_z{stage}", {})[(layers, tokens)] = float(transient[0])
 
                     def no_grad_forward():
                         with torch.no_grad():
@@ -186,7 +195,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
                     times.setdefault(f"engine_score_{head}_z{stage}", {})[(layers, tokens)] = \
                         _synchronised_best_s(no_grad_forward, cfg.repeats)
                 engine.destroy()
-    for kind in [k for k in times if k.startswith(("train_", "optimizer_"))]:  # the slowest rank's
+    for kind in [k for k in times if k.startswith(("train_", "optimizer_", "memory_"))]:  # the slowest rank's
         keys = sorted(times[kind])
         values = torch.tensor([times[kind][k] for k in keys], dtype=torch.float64)
         dist.all_reduce(values, op=dist.ReduceOp.MAX)

@@ -85,3 +85,24 @@ def test_calls_take_the_measured_times_by_hand():
     assert measured_stages(profile, ROLE, "bf16") == (3,)
     assert call_seconds(train, two, ROLE, work, TrainSetting(0, 4), profile) != \
         call_seconds(train, two, ROLE, dataclasses.replace(work), TrainSetting(3, 4), profile)
+
+
+def test_a_training_micro_batch_holds_what_the_profile_measured():
+    from ds_realloc.planner import cost
+    from ds_realloc.planner.calibrated import train_transient_bytes
+    from ds_realloc.planner.estimate import transient_bytes
+
+    profile = _profile({"memory_lm_z2": (1000, 10, 100, 1)})
+    table = table_for(profile, SHAPE, "bf16")
+    assert train_transient_bytes(table, SHAPE, "lm", 1, 240) == pytest.approx(1000 + 2400 + 10 * (100 + 240))
+    assert train_transient_bytes(table, SHAPE, "lm", 3, 240) is None  # stage 3 not measured
+    work = Workload(rows=16, prompt_len=50, new_tokens=10, dtype="bf16")
+    train = MFC("actor_train", "actor", MFCKind.TRAIN, ("prompt",))
+    two = Allocation(train, DeviceMesh((0, 1)), Strategy(dp=2, zero3=False))
+    # micro-batches of 4 rows x 60 tokens (8 rows per rank)
+    assert transient_bytes(train, two, ROLE, work, TrainSetting(2, 4), profile=profile) == 1000 + 2400 + 10 * 340
+    # without a measurement, or with offload (not profiled): the analytic terms, less the resident bucket
+    analytic = cost.train_peak_bytes(SHAPE, 2, 2, 4, 60, True, False, "bf16") - \
+        cost.train_state_bytes(SHAPE, 2, 2, True, False, "bf16") - cost.gradient_bucket_bytes(SHAPE, 2, "bf16")
+    assert transient_bytes(train, two, ROLE, work, TrainSetting(2, 4, offload_optimizer=True), profile=profile) == \
+        analytic

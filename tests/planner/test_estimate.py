@@ -53,7 +53,8 @@ def test_memory_per_rank_is_resident_states_plus_the_largest_call():
     train = {"actor_train": TrainSetting(zero_stage=3, micro_batch=2)}
     estimate = estimate_step(MFCS, allocations, roles, WORK, train, PROFILE, world=2)
     shape = roles["actor"].shape
-    states = cost.train_state_bytes(shape, 3, 2, False, False, "bf16")
+    # the actor's states and its gradient bucket (touched by the first backward, its pages stay)
+    states = cost.train_state_bytes(shape, 3, 2, False, False, "bf16") + cost.gradient_bucket_bytes(shape, 3, "bf16")
     # rank 1 also holds the frozen reference's engine (all of it: a mesh of one) and its kept inference copy
     assert estimate.resident_bytes == (states, states + 2 * PARAMS * 2)
     train_extra = cost.train_peak_bytes(shape, 3, 2, 2, 24, False, False, "bf16") - states
@@ -121,5 +122,5 @@ def test_a_reallocation_holds_one_layers_buffers_on_each_of_its_ranks():
     assert op.ranks == (0, 1) and buckets == {r: n * 2 for r, n in stats.bucket.items()} and buckets[0] > 0
     estimate = estimate_step(MFCS, allocations, roles, WORK, {"actor_train": setting}, PROFILE, world=2)
     train_extra = cost.train_peak_bytes(shape, 3, 2, 2, 24, False, False, "bf16") - \
-        cost.train_state_bytes(shape, 3, 2, False, False, "bf16")
+        cost.train_state_bytes(shape, 3, 2, False, False, "bf16") - cost.gradient_bucket_bytes(shape, 3, "bf16")
     assert estimate.peak_bytes[0] == estimate.resident_bytes[0] + max(train_extra, buckets[0])

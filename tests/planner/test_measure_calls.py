@@ -21,9 +21,11 @@ def test_a_tiny_model_gets_a_table_of_every_operation():
     assert list(models) == [key]
     table = ModelTable.from_json(models[key])
     expected = {f"{kind}_t{tp}" for kind in ("decode", "prefill", "score_lm", "score_value") for tp in (1, 2)}
-    expected |= {f"{kind}_{head}_z3" for kind in ("train", "optimizer", "engine_score") for head in ("lm", "value")}
+    expected |= {f"{kind}_{head}_z3" for kind in ("train", "optimizer", "engine_score", "memory")
+                 for head in ("lm", "value")}
     assert set(table.fits) == expected
     for name, fit in table.fits.items():
         seconds = fit.at(2, 32)
         assert math.isfinite(seconds) and seconds >= 0, name
     assert table.fits["train_lm_z3"].at(2, 32) > 0
+    assert 0 < table.fits["memory_lm_z3"].at(3, 24)  # a micro-batch holds its activations and logits
