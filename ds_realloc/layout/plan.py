@@ -66,7 +66,6 @@ class PlanStats:
     messages: int
     bucket: dict[int, int] = field(default_factory=dict)  # per rank: the most one unit sends + receives
 
-
     @property
     def busiest(self) -> tuple[int, int]:
         """(rank, elements sent + received) of the rank with the most traffic."""
@@ -208,14 +207,13 @@ class ReallocPlan:
             single_total, single_held = 0, defaultdict(int)
             for index, need in enumerate(self.needs[key]):
                 if len(need.options) == 1:
-                    single_total += need.numel
-                    single_held[need.options[0][0]] += need.numel
                     holder = need.options[0][0]
-                    receivers = sum(d != holder for d in ranks)
-                    moved[(holder, need.unit)] += need.numel * receivers
+                    single_total += need.numel
+                    single_held[holder] += need.numel
                     for d in ranks:
                         if d != holder:
                             moved[(d, need.unit)] += need.numel
+                            moved[(holder, need.unit)] += need.numel
                     continue
                 for d in ranks:
                     src = self._choices[(d, key, index)][0]

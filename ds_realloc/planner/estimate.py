@@ -137,13 +137,18 @@ def _measured_call(kind: MFCKind, role: RoleModel, rows: int, tp: int, work: Wor
     return calibrated.score_s(table, role.shape, _head(role), rows * work.length, tp)
 
 
+def running_micro_batch(train: TrainSetting, work: Workload, ranks: int) -> int:
+    """The rows per micro-batch an engine on `ranks` runs: its setting, at most a minibatch's share per rank."""
+    return max(1, min(train.micro_batch, work.rows // ranks // work.minibatches))
+
+
 def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Workload, train: TrainSetting,
                     profile: DeviceProfile) -> float:
     """A DeepSpeed engine's forward (SCORE) or update (TRAIN) over the step's rows, ZeRO collectives included:
     the compute measured per micro-batch where the profile timed this model, else the roofline."""
     shape, dtype, ranks = role.shape, work.dtype, allocation.mesh.size
     rows = work.rows // ranks
-    micro = max(1, min(train.micro_batch, rows // work.minibatches))
+    micro = running_micro_batch(train, work, ranks)
     micro_batches = max(1, -(-rows // micro))
     link = mesh_link(allocation.mesh.ranks, profile)
     gather = cost.all_gather_s(cost.weight_bytes(shape, dtype), ranks, link) if train.zero_stage == 3 else 0.0
@@ -445,8 +450,8 @@ def transient_bytes(mfc: MFC, allocation: Allocation, role: RoleModel, work: Wor
         setting = train or TrainSetting(micro_batch=max(1, work.rows // allocation.mesh.size))
         micro, length = setting.micro_batch, work.length
         if mfc.kind is MFCKind.TRAIN:
-            rows = max(1, min(micro, work.rows // allocation.mesh.size // work.minibatches))  # as it runs
-            measured = _measured_train_bytes(role, setting, rows * length, work, profile)
+            tokens = running_micro_batch(setting, work, allocation.mesh.size) * length
+            measured = _measured_train_bytes(role, setting, tokens, work, profile)
             if measured is not None:
                 return measured
             states = cost.train_state_bytes(role.shape, setting.zero_stage, allocation.mesh.size,
@@ -547,7 +552,7 @@ class Evaluator:
                 op, buckets = self._realloc(mfc, choice, homes[mfc.role], setting)
                 if op is not None:
                     reallocs[mfc.name], realloc_s[mfc.name] = op, op.seconds
-                for r, nbytes in buckets.items():  # a rank that only sends holds its send buffers
+                for r, nbytes in buckets.items():  # every rank of the move holds one bucket's buffers
                     transient[r] = max(transient[r], nbytes)
             for r in choice.allocation.mesh.ranks:
                 transient[r] = max(transient[r], extra)

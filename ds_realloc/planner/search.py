@@ -199,9 +199,10 @@ def search(mfcs: Sequence[MFC], roles: Mapping[str, RoleModel], work: Workload, 
         start = {n: next((i for i, c in enumerate(options[n]) if default.get(n) == c), 0) for n in names}
         on_mesh = {n: _indices_by_mesh(options[n]) for n in names}
         meshes_of = {n: list(on_mesh[n]) for n in names}
-        # the whole search keeps to budget_s: a fifth for each descent, the rest for the annealing
+        # the whole search keeps to budget_s: a tenth for each first descent, from the default and from a
+        # lean start (little memory per rank: large models), then the annealing from the better one, and a
+        # fifth for the last descent
         deadline = began + budget_s
-        # from the default and from a lean start (little memory per rank: large models), the better descent
         first = min((_descend(cost_of, sizes, begin, began + share * budget_s)
                      for begin, share in ((start, 0.1), (_lean(options, start), 0.2))), key=cost_of)
         annealed = _anneal(cost_of, sizes, on_mesh, meshes_of, first, seed, max(0.0, deadline - 0.2 * budget_s -
@@ -228,8 +229,8 @@ def measured_stages(profile: DeviceProfile, role: RoleModel, dtype: str) -> tupl
 def _lean(options: Mapping[str, Sequence[Choice]], start: Mapping[str, int]) -> dict[str, int]:
     """A start that spends little memory: every generate / inference call on the largest mesh with its largest
     tensor parallelism (the smallest shards and caches), training on its mesh in `start` with ZeRO-3 and the
-    smallest micro-batch; a search from a default that
-    overflows memory (large models) begins inside or near the plans that fit."""
+    smallest micro-batch; a search from a default that overflows memory (large models) begins inside or
+    near the plans that fit."""
     lean = dict(start)
     for name, choices in options.items():
         if choices and choices[0].train is None:
