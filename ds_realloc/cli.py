@@ -164,7 +164,7 @@ def launch_workers(nprocs: int, argv: Sequence[str]) -> int:
 
 def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]) -> int:
     from ds_realloc.utils.config import format_help
-    from ds_realloc.utils.dist import COMMAND_START_VAR, command_start_time, under_launcher
+    from ds_realloc.utils.dist import COMMAND_START_VAR, command_start_time, shutdown_distributed, under_launcher
 
     if "--help" in args or "-h" in args:
         print(f"ds-realloc {name}: {command.summary}\n\n"
@@ -181,6 +181,7 @@ def _run_distributed(name: str, command: DistributedCommand, args: Sequence[str]
         return 0
     if under_launcher():
         command.run(cfg)
+        shutdown_distributed()
         return 0
     nprocs = launch.resolved_nprocs()
     start = os.environ.get(COMMAND_START_VAR)

@@ -119,5 +119,4 @@ def run_generate(cfg: GenerateConfig) -> dict:
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
         logger.info("wrote %d completions to %s (%d tokens, %.1f tokens/s on %s)", len(samples), out_path,
                     summary["generated_tokens"], summary["tokens_per_s"], layout.strategy)
-    dist.barrier()  # no rank tears its process group down while rank 0 still writes (a gloo abort at exit)
     return summary

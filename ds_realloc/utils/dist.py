@@ -124,6 +124,19 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the job cleanly once this rank's work is done: wait for every rank, then destroy every
+    process group. A gloo process that exits with its groups alive can abort at interpreter teardown
+    ("terminate called without an active exception", SIGABRT), when gloo's worker threads release
+    work objects after Python is gone (pytorch/pytorch#190489). Only for the success path: on a failure
+    the rank exits non-zero without waiting, and the launcher stops the others."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()  # with no argument: the default group and every group made from it
+    _GROUPS.clear()
+
+
 def shm_all_reduce_started() -> bool:
     """Whether DeepSpeed's backend started its shared-memory all-reduce over the whole job: it built
     the op and every rank is on one host (its own test, LOCAL_SIZE == world; the same on every rank)."""

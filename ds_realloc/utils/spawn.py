@@ -30,13 +30,11 @@ def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, a
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), **env})
     try:
-        import torch.distributed as dist
-
-        from ds_realloc.utils.dist import init_distributed
+        from ds_realloc.utils.dist import init_distributed, shutdown_distributed
 
         init_distributed(timeout_s=120)
         value = fn(rank, world, *args)
-        dist.barrier()
+        shutdown_distributed()
         # plain pickle: tensors travel by value (torch's queue reductions share memory that dies with the child)
         results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent

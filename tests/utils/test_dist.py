@@ -40,3 +40,28 @@ def test_slots_per_host_come_from_the_launcher_or_the_hostfile(tmp_path):
     hostfile.write_text("worker-0 slots=8\nworker-1 gpus=4\n")
     with pytest.raises(ConfigError, match=r"hostfile:2: expected '<hostname> slots=<processes>'"):
         slots_per_host(12, str(hostfile))
+
+
+def _gather_on_a_subgroup_then_shut_down(rank: int, world: int) -> tuple:
+    import torch.distributed as dist
+
+    from ds_realloc.utils import dist as ds_dist
+
+    gathered = [None, None]
+    if rank < 2:  # only the members make the group (local synchronisation)
+        dist.all_gather_object(gathered, rank, group=ds_dist.group_of([1, 0]))
+    cached = len(ds_dist._GROUPS)
+    ds_dist.shutdown_distributed()
+    ds_dist.shutdown_distributed()  # a second call (the spawn helper's own) is a no-op
+    return gathered, cached, dist.is_initialized(), len(ds_dist._GROUPS)
+
+
+def test_shutdown_destroys_every_process_group_after_the_last_collective():
+    """A rank leaves with no process group alive (a gloo process that exits with its groups alive can
+    abort at interpreter teardown), the groups it cached included."""
+    from ds_realloc.utils.spawn import run_ranks
+
+    world = 3  # [0, 1] is a proper subgroup, made with new_group
+    results = run_ranks(_gather_on_a_subgroup_then_shut_down, world, timeout=120)
+    assert results[0] == results[1] == ([0, 1], 1, False, 0)
+    assert results[2] == ([None, None], 0, False, 0)
