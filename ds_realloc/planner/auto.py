@@ -34,8 +34,11 @@ AUTO = "auto"
 _NOT_PLAN_INPUTS = ("output", "launch", "allocation")  # config groups that change no allocation
 
 
+PROFILE_FORMAT = 2  # 2: piecewise-linear fits of the models' calls; a profile of another format is re-measured
+
+
 def machine_profile_path(world: int) -> Path:
-    return cache_dir() / "profiles" / f"{socket.gethostname()}-{world}ranks.json"
+    return cache_dir() / "profiles" / f"{socket.gethostname()}-{world}ranks-v{PROFILE_FORMAT}.json"
 
 
 def _builtin_for_this_gpu() -> DeviceProfile | None:

@@ -2,14 +2,19 @@
 machine, in place of the roofline.
 
 The profile runs our own code paths (generation and scoring on the inference layouts, DeepSpeed
-engines' forward / backward / optimizer step by ZeRO stage) on copies of the model with 1 and 3
+engines' forward / backward / optimizer step by ZeRO stage) on copies of the model with 1 and 4
 transformer layers and two batch sizes, on every rank at once (as the runner's calls share the
-host), and keeps per operation four numbers: a fixed part and a per-layer part, each linear in the
-batch size `n` (rows for a decode step, tokens otherwise):
+host), each timing the median of its repeats, and keeps per operation a fixed part and a per-layer
+part, each piecewise linear in the batch size `n` (rows for a decode step, tokens otherwise) through
+the sizes it measured:
 
-    seconds(layers, n) = fixed + fixed_per_n * n + layers * (layer + layer_per_n * n)
+    seconds(layers, n) = fixed(n) + layers * layer(n)
 
-so the real model's time is extrapolated in its layer count and interpolated in its batch size.
+so the real model's time is extrapolated in its layer count and interpolated in its batch size (a
+CPU layer's time per token falls as the batch grows: one straight line through two sizes put a
+per-layer constant under every small micro-batch). An operation under the LM head and under the value
+head runs the same layers, so the two share one per-layer part, fitted by least squares over both
+(`shared_layer_fits`).
 Operation keys: `decode_t<tp>` / `prefill_t<tp>` (generation), `score_<head>_t<tp>` (an inference
 forward, head `lm` = log-probs or `value`), `train_<head>_z<stage>` (one micro-batch's forward and
 backward), `optimizer_<head>_z<stage>` (one optimizer step at dp=1), `engine_score_<head>_z<stage>`
@@ -19,6 +24,7 @@ in bytes (what a steady training micro-batch holds above the level before it).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -28,29 +34,53 @@ from ds_realloc.planner.profile import DeviceProfile
 
 @dataclass(frozen=True)
 class Fit:
-    fixed: float
-    fixed_per_n: float
-    layer: float
-    layer_per_n: float
+    """`fixed(n) + layers * layer(n)`, both through their values at the measured sizes `ns` (increasing),
+    linear between them and along the end segments beyond them."""
+
+    ns: tuple[float, ...]
+    fixed: tuple[float, ...]
+    layer: tuple[float, ...]
 
     def at(self, layers: int, n: float) -> float:
-        return max(0.0, self.fixed + self.fixed_per_n * n + layers * (self.layer + self.layer_per_n * n))
+        return max(0.0, _piecewise(self.ns, self.fixed, n) + layers * _piecewise(self.ns, self.layer, n))
+
+    def to_json(self) -> dict:
+        return {"n": list(self.ns), "fixed": list(self.fixed), "layer": list(self.layer)}
 
     @staticmethod
-    def of(layers: Sequence[int], ns: Sequence[float], seconds: Mapping[tuple[int, float], float]) -> "Fit":
-        """The fit through four measurements: `seconds[(layers, n)]` at two layer counts and two sizes."""
-        (l1, l2), (n1, n2) = layers, ns
+    def from_json(data: Mapping) -> "Fit":
+        return Fit(*(tuple(map(float, data[k])) for k in ("n", "fixed", "layer")))
 
-        def split(n: float) -> tuple[float, float]:
-            per_layer = (seconds[(l2, n)] - seconds[(l1, n)]) / (l2 - l1)
-            return seconds[(l1, n)] - l1 * per_layer, per_layer
 
-        (fa, la), (fb, lb) = split(n1), split(n2)
-        fixed_per_n, layer_per_n = (fb - fa) / (n2 - n1), (lb - la) / (n2 - n1)
-        return Fit(fa - fixed_per_n * n1, fixed_per_n, la - layer_per_n * n1, layer_per_n)
+def _piecewise(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    i = bisect.bisect_right(xs, x, 1, len(xs) - 1)  # the segment [xs[i-1], xs[i]], the end ones extended
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
 
-    def to_json(self) -> list[float]:
-        return [self.fixed, self.fixed_per_n, self.layer, self.layer_per_n]
+
+def shared_layer_fits(points: Mapping[str, Mapping[tuple[int, float], float]]) -> dict[str, Fit]:
+    """Fits of operations that run the same transformer layers under different fixed parts (the LM head
+    and the value head): at every measured size, each its own fixed part and one per-layer part for all,
+    by least squares over every `points[op][(layers, n)]` (every operation measured at the same sizes,
+    at two layer counts at least). The per-layer part is what extrapolates to the real model's depth (1
+    and 4 layers to 30 multiply its noise 10-fold), so it is measured on every operation that has it."""
+    import torch
+
+    ops = sorted(points)
+    ns = sorted({n for op in ops for _, n in points[op]})
+    fixed: dict[str, list[float]] = {op: [] for op in ops}
+    layer = []
+    for n in ns:
+        rows, targets = [], []
+        for i, op in enumerate(ops):
+            for layers in sorted(count for count, size in points[op] if size == n):
+                rows.append([1.0 if j == i else 0.0 for j in range(len(ops))] + [float(layers)])
+                targets.append([points[op][(layers, n)]])
+        solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                      torch.tensor(targets, dtype=torch.float64), driver="gelsd").solution[:, 0]
+        for i, op in enumerate(ops):
+            fixed[op].append(float(solution[i]))
+        layer.append(float(solution[-1]))
+    return {op: Fit(tuple(ns), tuple(fixed[op]), tuple(layer)) for op in ops}
 
 
 def signature(shape: ModelShape, dtype: str) -> str:
@@ -71,7 +101,7 @@ class ModelTable:
 
     @staticmethod
     def from_json(data: Mapping) -> "ModelTable":
-        return ModelTable(str(data["dtype"]), {k: Fit(*map(float, v)) for k, v in data["fits"].items()})
+        return ModelTable(str(data["dtype"]), {k: Fit.from_json(v) for k, v in data["fits"].items()})
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype, "fits": {k: f.to_json() for k, f in sorted(self.fits.items())}}

@@ -1,6 +1,6 @@
 """The part of `ds-realloc profile` that times a model's calls (planner/calibrated.py says how they are used).
 
-Every rank of the profile job builds the same random copies of the model with 1 and 3 transformer
+Every rank of the profile job builds the same random copies of the model with 1 and 4 transformer
 layers (its config otherwise), and all ranks time the same operation at the same moment, so the
 memory bandwidth and caches they share are shared as in a run:
 - generation (our inference layouts `d<world>` and `t<world>`): sampled tokens, no early stop, at
@@ -19,34 +19,42 @@ is judged on calibrates it.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-LAYERS = (1, 3)
+LAYERS = (1, 4)  # far apart: the per-layer part is extrapolated to the real depth
 
 
 def best_s(fn, repeats: int) -> float:
+    """The fastest of `repeats` runs after a warm-up: for a device's peak rates (matmul, bandwidth)."""
+    return min(times_s(fn, repeats))
+
+
+def times_s(fn, repeats: int) -> list[float]:
     fn()  # warm-up: first-call costs (allocator, plan building, thread pools)
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def _synchronised_best_s(fn, repeats: int) -> float:
-    """The best time of `fn` with every rank running it at once (the slowest rank's)."""
+def _synchronised_median_s(fn, repeats: int) -> float:
+    """The median time of `fn` with every rank running it at once (the slowest rank's). A call's time,
+    not a peak: ranks sharing a host slow each other down, and the fastest run is the one the other
+    ranks happened to leave alone, so the median is what a run's calls (medians of steps) take."""
     import torch.distributed as dist
 
     def together():
         dist.barrier()
         fn()
 
-    seconds = torch.tensor([best_s(together, repeats)], dtype=torch.float64)
+    seconds = torch.tensor([statistics.median(times_s(together, repeats))], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return float(seconds)
 
@@ -116,18 +124,18 @@ def _inference_times(paths: dict[int, Path], world: int, cfg, dtype: str) -> dic
                         tokens = rows * (cfg.prompt_len + cfg.new_tokens)
                         with torch.no_grad():
                             if head == "value":
-                                seconds = _synchronised_best_s(
+                                seconds = _synchronised_median_s(
                                     lambda: call.values(batch.input_ids, batch.attention_mask), cfg.repeats)
                                 times.setdefault(f"score_value_t{tp}", {})[(layers, tokens)] = seconds
                                 continue
-                            seconds = _synchronised_best_s(lambda: call.logprobs(
+                            seconds = _synchronised_median_s(lambda: call.logprobs(
                                 batch.input_ids, batch.attention_mask, cfg.new_tokens), cfg.repeats)
                             times.setdefault(f"score_lm_t{tp}", {})[(layers, tokens)] = seconds
                             prompts = [row[:cfg.prompt_len] for row in batch.input_ids.tolist()]
                             lengths = {}
                             for new in (2, cfg.new_tokens):
                                 sampling = GenerationConfig(max_new_tokens=new, min_new_tokens=new, seed=rows)
-                                lengths[new] = _synchronised_best_s(
+                                lengths[new] = _synchronised_median_s(
                                     lambda: generate(placement.model, prompts, sampling, (), 0), cfg.repeats)
                         decode = (lengths[cfg.new_tokens] - lengths[2]) / (cfg.new_tokens - 2)
                         times.setdefault(f"decode_t{tp}", {})[(layers, rows)] = decode
@@ -177,15 +185,15 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
                         phases["train"], phases["optimizer"] = middle - start, time.perf_counter() - middle
                         transient[0] = peak_memory() - level  # the last (steady) step's counts
 
-                    best: dict[str, float] = {}
+                    runs: dict[str, list[float]] = {}
                     transient = [0]
                     for i in range(cfg.repeats + 1):  # the first is a warm-up
                         dist.barrier()
                         micro_step()
-                        if i:
-                            best = {k: min(v, best.get(k, float("inf"))) for k, v in phases.items()}
-                    for kind, seconds in best.items():
-                        times.setdefault(f"{kind}_{head}_z{stage}", {})[(layers, tokens)] = seconds
+                        for kind, seconds in phases.items():
+                            runs.setdefault(kind, []).extend([seconds] if i else [])
+                    for kind, seconds in runs.items():
+                        times.setdefault(f"{kind}_{head}_z{stage}", {})[(layers, tokens)] = statistics.median(seconds)
                     times.setdefault(f"memory_{head}_z{stage}", {})[(layers, tokens)] = float(transient[0])
 
                     def no_grad_forward():
@@ -193,7 +201,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
                             forward(engine, batch)
 
                     times.setdefault(f"engine_score_{head}_z{stage}", {})[(layers, tokens)] = \
-                        _synchronised_best_s(no_grad_forward, cfg.repeats)
+                        _synchronised_median_s(no_grad_forward, cfg.repeats)
                 engine.destroy()
     for kind in [k for k in times if k.startswith(("train_", "optimizer_", "memory_"))]:  # the slowest rank's
         keys = sorted(times[kind])
@@ -203,13 +211,25 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
     return times
 
 
+def _same_layers(times: dict) -> list[list[str]]:
+    """The operations whose per-layer part is one cost: an operation under the LM head and under the value
+    head (`train_lm_z2` and `train_value_z2`) run the same layers; memory keeps one fit per head (its
+    figures are exact, not noisy, and a head's logits change what is alive at the peak)."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(times):
+        pooled = not key.startswith("memory_")
+        groups.setdefault(key.replace("_lm_", "_<head>_").replace("_value_", "_<head>_") if pooled else key,
+                          []).append(key)
+    return list(groups.values())
+
+
 def _model_rank(rank: int, world: int, model_path: str, cfg_dict: dict) -> dict | None:
     """One rank of the model timing; rank 0 returns the fitted table as JSON."""
     import torch.distributed as dist
     from transformers import AutoConfig
 
     from ds_realloc.engine.ds_config import auto_dtype
-    from ds_realloc.planner.calibrated import Fit, ModelTable, signature
+    from ds_realloc.planner.calibrated import ModelTable, shared_layer_fits, signature
     from ds_realloc.planner.cost import ModelShape
     from ds_realloc.planner.profile_config import ProfileConfig
     from ds_realloc.utils.dist import comm_device
@@ -228,9 +248,8 @@ def _model_rank(rank: int, world: int, model_path: str, cfg_dict: dict) -> dict 
     if rank:
         return None
     fits = {}
-    for key, points in times.items():
-        ns = sorted({n for _, n in points})
-        fits[key] = Fit.of(LAYERS, ns, points)
+    for group in _same_layers(times):
+        fits.update(shared_layer_fits({key: times[key] for key in group}))
     shape = ModelShape.of(AutoConfig.from_pretrained(model_path))
     return {signature(shape, dtype): ModelTable(dtype, fits).to_json()}
 

@@ -114,11 +114,24 @@ def _from_json(data: dict, where: str) -> DeviceProfile:
             raise ConfigError(f"{where}: field '{name}' needs a positive bandwidth and a latency >= 0")
     for key, table in profile.models.items():
         fits = table.get("fits") if isinstance(table, dict) else None
-        if not isinstance(fits, dict) or "dtype" not in table or \
-                any(not isinstance(v, list) or len(v) != 4 for v in fits.values()):
+        if not isinstance(fits, dict) or "dtype" not in table:
             raise ConfigError(f"{where}: field 'models.{key}' must hold 'dtype' and 'fits' (operation -> "
-                              f"[fixed, fixed_per_n, layer, layer_per_n])")
+                              f"{{'n': sizes, 'fixed': seconds, 'layer': seconds per layer}})")
+        for op, fit in fits.items():
+            if not _is_piecewise(fit):
+                raise ConfigError(f"{where}: field 'models.{key}.fits.{op}' must hold 'n', 'fixed' and 'layer': "
+                                  f"lists of one length (at least 2) of numbers, 'n' increasing")
     return profile
+
+
+def _is_piecewise(fit) -> bool:
+    if not isinstance(fit, dict) or set(fit) != {"n", "fixed", "layer"}:
+        return False
+    columns = [fit[k] for k in ("n", "fixed", "layer")]
+    if any(not isinstance(c, list) or len(c) != len(fit["n"]) or
+           not all(isinstance(v, (int, float)) for v in c) for c in columns):
+        return False
+    return len(fit["n"]) >= 2 and all(a < b for a, b in zip(fit["n"], fit["n"][1:]))
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:

@@ -28,4 +28,7 @@ def test_a_tiny_model_gets_a_table_of_every_operation():
         seconds = fit.at(2, 32)
         assert math.isfinite(seconds) and seconds >= 0, name
     assert table.fits["train_lm_z3"].at(2, 32) > 0
+    for kind in ("train_{}_z3", "optimizer_{}_z3", "engine_score_{}_z3", "score_{}_t1", "score_{}_t2"):
+        lm, value = table.fits[kind.format("lm")], table.fits[kind.format("value")]  # the same layers: one cost
+        assert lm.ns == value.ns == (12.0, 24.0) and lm.layer == value.layer, kind
     assert 0 < table.fits["memory_lm_z3"].at(3, 24)  # a micro-batch holds its activations and logits
