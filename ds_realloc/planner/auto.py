@@ -34,7 +34,8 @@ AUTO = "auto"
 _NOT_PLAN_INPUTS = ("output", "launch", "allocation")  # config groups that change no allocation
 
 
-PROFILE_FORMAT = 2  # 2: piecewise-linear fits of the models' calls; a profile of another format is re-measured
+# 2: piecewise-linear fits; 3: engines data-parallel over all ranks timed too; another format is re-measured
+PROFILE_FORMAT = 3
 
 
 def machine_profile_path(world: int) -> Path:

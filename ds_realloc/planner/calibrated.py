@@ -18,8 +18,10 @@ head runs the same layers, so the two share one per-layer part, fitted by least 
 Operation keys: `decode_t<tp>` / `prefill_t<tp>` (generation), `score_<head>_t<tp>` (an inference
 forward, head `lm` = log-probs or `value`), `train_<head>_z<stage>` (one micro-batch's forward and
 backward), `optimizer_<head>_z<stage>` (one optimizer step at dp=1), `engine_score_<head>_z<stage>`
-(an engine's no-grad forward: the recompute of old log-probs / values), and `memory_<head>_z<stage>`
-in bytes (what a steady training micro-batch holds above the level before it).
+(an engine's no-grad forward: the recompute of old log-probs / values), each also of an engine
+data-parallel over all the profile's ranks with the suffix `_d<ranks>` (its ZeRO collectives timed
+with it), and `memory_<head>_z<stage>` in bytes (what a steady training micro-batch holds above the
+level before it).
 """
 
 from __future__ import annotations
@@ -113,13 +115,15 @@ def table_for(profile: DeviceProfile, shape: ModelShape, dtype: str) -> ModelTab
     return None if data is None else ModelTable.from_json(data)
 
 
-def stage_key(stage: int, fits: Mapping[str, Fit], head: str, kind: str) -> str | None:
-    """The measured stage standing for `stage`: itself, else 1 <-> 2 (on one rank they compute the same:
-    optimizer states and gradients partitioned over a group of one; they differ in collectives, which
-    the link model adds)."""
+def stage_key(stage: int, fits: Mapping[str, Fit], head: str, kind: str, dp: int = 1) -> str | None:
+    """The measured stage standing for `stage` on an engine data-parallel over `dp` ranks: itself, else
+    1 <-> 2 (on one rank they compute the same: optimizer states and gradients partitioned over a group
+    of one; data-parallel, the timed stage 2 reduces its gradients at every micro-batch, where stage 1
+    does at the optimizer step)."""
+    suffix = "" if dp == 1 else f"_d{dp}"
     for s in (stage, {1: 2, 2: 1}.get(stage)):
-        if s is not None and f"{kind}_{head}_z{s}" in fits:
-            return f"{kind}_{head}_z{s}"
+        if s is not None and f"{kind}_{head}_z{s}{suffix}" in fits:
+            return f"{kind}_{head}_z{s}{suffix}"
     return None
 
 
@@ -136,9 +140,11 @@ def score_s(table: ModelTable, shape: ModelShape, head: str, tokens: int, tp: in
     return None if fit is None else fit.at(shape.layers, tokens)
 
 
-def engine_s(table: ModelTable, shape: ModelShape, head: str, stage: int, kind: str, tokens: int) -> float | None:
-    """`kind` train (a micro-batch's forward + backward), engine_score (its no-grad forward) or optimizer."""
-    key = stage_key(stage, table.fits, head, kind)
+def engine_s(table: ModelTable, shape: ModelShape, head: str, stage: int, kind: str, tokens: int,
+             dp: int = 1) -> float | None:
+    """`kind` train (a micro-batch's forward + backward), engine_score (its no-grad forward) or optimizer,
+    of an engine data-parallel over `dp` ranks (`tokens` per rank; None where that `dp` was not timed)."""
+    key = stage_key(stage, table.fits, head, kind, dp)
     return None if key is None else table.fits[key].at(shape.layers, tokens)
 
 

@@ -145,7 +145,8 @@ def running_micro_batch(train: TrainSetting, work: Workload, ranks: int) -> int:
 def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Workload, train: TrainSetting,
                     profile: DeviceProfile) -> float:
     """A DeepSpeed engine's forward (SCORE) or update (TRAIN) over the step's rows, ZeRO collectives included:
-    the compute measured per micro-batch where the profile timed this model, else the roofline."""
+    the compute measured per micro-batch where the profile timed this model (the collectives too where it
+    timed an engine data-parallel over as many ranks), else the roofline."""
     shape, dtype, ranks = role.shape, work.dtype, allocation.mesh.size
     rows = work.rows // ranks
     micro = running_micro_batch(train, work, ranks)
@@ -154,11 +155,18 @@ def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Wor
     gather = cost.all_gather_s(cost.weight_bytes(shape, dtype), ranks, link) if train.zero_stage == 3 else 0.0
     table = calibrated.table_for(profile, shape, dtype)
 
-    def measured(kind: str) -> float | None:
+    def measured(kind: str, dp: int = 1) -> float | None:
         if table is None or train.offload_param:
             return None
-        return calibrated.engine_s(table, shape, _head(role), train.zero_stage, kind, micro * work.length)
+        return calibrated.engine_s(table, shape, _head(role), train.zero_stage, kind, micro * work.length, dp)
 
+    steps = work.epochs * work.minibatches
+    if ranks > 1:  # timed data-parallel over this many ranks: the ZeRO collectives are in the times
+        if mfc.kind is MFCKind.SCORE and (forward := measured("engine_score", ranks)) is not None:
+            return micro_batches * forward
+        micro_s, step_s = measured("train", ranks), measured("optimizer", ranks)
+        if mfc.kind is MFCKind.TRAIN and micro_s is not None and step_s is not None:
+            return work.epochs * micro_batches * micro_s + steps * step_s
     if mfc.kind is MFCKind.SCORE:
         forward = measured("engine_score")
         if forward is None:
@@ -166,7 +174,6 @@ def _engine_seconds(mfc: MFC, allocation: Allocation, role: RoleModel, work: Wor
                                        rows * work.length if role.lm_head else 0)
             return cost.matmul_s(flops, profile, dtype) + micro_batches * gather
         return micro_batches * (forward + gather)
-    steps = work.epochs * work.minibatches
     per_step_micro = max(1, micro_batches // work.minibatches)
     traffic = cost.zero_traffic_s(shape, train.zero_stage, ranks, per_step_micro, link, dtype)
     micro_s, step_s = measured("train"), measured("optimizer")

@@ -19,6 +19,7 @@ is judged on calibrates it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import tempfile
 import time
@@ -148,7 +149,10 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
     """{operation: {(layers, tokens): seconds}} of DeepSpeed engines on a group of this rank alone, and
     `memory_<head>_z<stage>`: {(layers, tokens): bytes} a steady micro-batch (forward, backward, optimizer
     step) holds above the level before it (activations, logits, gathered layers, temporaries; what
-    persists after the first step, Adam's moments and the touched gradient bucket, is not in it)."""
+    persists after the first step, Adam's moments and the touched gradient bucket, is not in it). With
+    more than one rank, also the engines data-parallel over all ranks (`..._d<world>`, `tokens` per rank):
+    their ZeRO collectives (a layer's gather, the gradients' reduce-scatter, the updated weights' gather)
+    are timed with their compute, as the runs issue them, not priced one message per collective."""
     import torch.distributed as dist
 
     from ds_realloc.algorithms.policy import critic_values, policy_logprobs
@@ -158,51 +162,54 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
     from ds_realloc.utils.dist import group_of
     from ds_realloc.utils.memory import peak_memory, reset_peak_memory
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     times: dict[str, dict] = {}
-    for stage in cfg.stages:
-        for layers, path in paths.items():
-            for head in ("lm", "value"):
-                engine_cfg = EngineConfig(zero_stage=stage, dtype=dtype)
-                micro = max(cfg.rows)
-                ds_config = train_ds_config(engine_cfg, OptimConfig(), BatchGeometry(micro, 1, 1), 1)
-                engine = build_train_engine(path, head, ds_config, None, False, 0, group_of((rank,)))
-                forward = policy_logprobs if head == "lm" else critic_values
-                for rows in cfg.rows:
-                    batch = _batch(rows, cfg.prompt_len, cfg.new_tokens, engine.module.config.vocab_size, rows)
-                    tokens = rows * (cfg.prompt_len + cfg.new_tokens)
-                    phases = {}
+    for dp, stage, (layers, path), head in itertools.product(sorted({1, world}), cfg.stages, paths.items(),
+                                                              ("lm", "value")):
+        suffix = "" if dp == 1 else f"_d{dp}"
+        engine_cfg = EngineConfig(zero_stage=stage, dtype=dtype)
+        micro = max(cfg.rows)
+        ds_config = train_ds_config(engine_cfg, OptimConfig(), BatchGeometry(micro, 1, dp), 1)
+        group = group_of((rank,) if dp == 1 else tuple(range(world)))
+        engine = build_train_engine(path, head, ds_config, None, False, 0, group)
+        forward = policy_logprobs if head == "lm" else critic_values
+        for rows in cfg.rows:
+            batch = _batch(rows, cfg.prompt_len, cfg.new_tokens, engine.module.config.vocab_size, rows)
+            tokens = rows * (cfg.prompt_len + cfg.new_tokens)
+            phases = {}
 
-                    def micro_step():
-                        engine.set_gradient_accumulation_boundary(True)
-                        level = reset_peak_memory()
-                        start = time.perf_counter()
-                        out = forward(engine, batch)
-                        loss = (out[0] if head == "lm" else out).float().mean()
-                        engine.backward(loss)
-                        middle = time.perf_counter()
-                        engine.step()
-                        phases["train"], phases["optimizer"] = middle - start, time.perf_counter() - middle
-                        transient[0] = peak_memory() - level  # the last (steady) step's counts
+            def micro_step():
+                engine.set_gradient_accumulation_boundary(True)
+                level = reset_peak_memory()
+                start = time.perf_counter()
+                out = forward(engine, batch)
+                loss = (out[0] if head == "lm" else out).float().mean()
+                engine.backward(loss)
+                middle = time.perf_counter()
+                engine.step()
+                phases["train"], phases["optimizer"] = middle - start, time.perf_counter() - middle
+                transient[0] = peak_memory() - level  # the last (steady) step's counts
 
-                    runs: dict[str, list[float]] = {}
-                    transient = [0]
-                    for i in range(cfg.repeats + 1):  # the first is a warm-up
-                        dist.barrier()
-                        micro_step()
-                        for kind, seconds in phases.items():
-                            runs.setdefault(kind, []).extend([seconds] if i else [])
-                    for kind, seconds in runs.items():
-                        times.setdefault(f"{kind}_{head}_z{stage}", {})[(layers, tokens)] = statistics.median(seconds)
-                    times.setdefault(f"memory_{head}_z{stage}", {})[(layers, tokens)] = float(transient[0])
+            runs: dict[str, list[float]] = {}
+            transient = [0]
+            for i in range(cfg.repeats + 1):  # the first is a warm-up
+                dist.barrier()
+                micro_step()
+                for kind, seconds in phases.items():
+                    runs.setdefault(kind, []).extend([seconds] if i else [])
+            for kind, seconds in runs.items():
+                times.setdefault(f"{kind}_{head}_z{stage}{suffix}", {})[(layers, tokens)] = \
+                    statistics.median(seconds)
+            if dp == 1:  # the memory model adds a data-parallel engine's partitions itself
+                times.setdefault(f"memory_{head}_z{stage}", {})[(layers, tokens)] = float(transient[0])
 
-                    def no_grad_forward():
-                        with torch.no_grad():
-                            forward(engine, batch)
+            def no_grad_forward():
+                with torch.no_grad():
+                    forward(engine, batch)
 
-                    times.setdefault(f"engine_score_{head}_z{stage}", {})[(layers, tokens)] = \
-                        _synchronised_median_s(no_grad_forward, cfg.repeats)
-                engine.destroy()
+            times.setdefault(f"engine_score_{head}_z{stage}{suffix}", {})[(layers, tokens)] = \
+                _synchronised_median_s(no_grad_forward, cfg.repeats)
+        engine.destroy()
     for kind in [k for k in times if k.startswith(("train_", "optimizer_", "memory_"))]:  # the slowest rank's
         keys = sorted(times[kind])
         values = torch.tensor([times[kind][k] for k in keys], dtype=torch.float64)

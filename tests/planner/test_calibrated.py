@@ -86,6 +86,30 @@ def test_stage_one_and_two_stand_for_each_other_and_nothing_else_does():
     fits = {"train_lm_z2": linear(0, 0, 0, 0), "train_lm_z3": linear(0, 0, 0, 0)}
     assert stage_key(1, fits, "lm", "train") == "train_lm_z2" and stage_key(3, fits, "lm", "train") == "train_lm_z3"
     assert stage_key(0, fits, "lm", "train") is None and stage_key(1, fits, "value", "train") is None
+    fits["train_lm_z2_d2"] = linear(0, 0, 0, 0)  # a data-parallel engine's times are its own
+    assert stage_key(1, fits, "lm", "train", dp=2) == "train_lm_z2_d2" and stage_key(3, fits, "lm", "train", 2) is None
+
+
+def test_an_engine_timed_data_parallel_over_its_ranks_takes_those_times_collectives_included():
+    dp1 = {"train_lm_z3": (0.3, 1e-4, 0.02, 1e-4), "optimizer_lm_z3": (0.07, 0, 0.004, 0),
+           "engine_score_lm_z3": (0.01, 1e-5, 0.005, 1e-5)}
+    profile = _profile({**dp1, "train_lm_z3_d2": (0.5, 2e-4, 0.03, 1e-4), "optimizer_lm_z3_d2": (0.09, 0, 0.003, 0),
+                        "engine_score_lm_z3_d2": (0.02, 1e-5, 0.006, 1e-5)})
+    work = Workload(rows=16, prompt_len=50, new_tokens=10, dtype="bf16", minibatches=2)
+    train = MFC("actor_train", "actor", MFCKind.TRAIN, ("prompt",))
+    two = Allocation(train, DeviceMesh((0, 1)), Strategy(dp=2, zero3=True))
+    # 8 rows per rank in micro-batches of 2 x 60 tokens: 4 forward + backward, one optimizer step per minibatch
+    micro = 0.5 + 2e-4 * 120 + 10 * (0.03 + 1e-4 * 120)
+    assert call_seconds(train, two, ROLE, work, TrainSetting(3, 2), profile) == \
+        pytest.approx(4 * micro + 2 * (0.09 + 10 * 0.003))
+    logp = MFC("actor_logp", "actor", MFCKind.SCORE, ("prompt",), ("old",))
+    forward = 0.02 + 1e-5 * 120 + 10 * (0.006 + 1e-5 * 120)
+    assert call_seconds(logp, Allocation(logp, DeviceMesh((0, 1)), Strategy(dp=2, zero3=True)), ROLE, work,
+                        TrainSetting(3, 2), profile) == pytest.approx(4 * forward)
+    # four ranks were not timed together: the one-rank times and the link model
+    four = Allocation(train, DeviceMesh((0, 1, 2, 3)), Strategy(dp=4, zero3=True))
+    assert call_seconds(train, four, ROLE, work, TrainSetting(3, 2), profile) == \
+        call_seconds(train, four, ROLE, work, TrainSetting(3, 2), _profile(dp1))
 
 
 def test_calls_take_the_measured_times_by_hand():
