@@ -112,17 +112,20 @@ def _anneal(cost_of, sizes: Mapping[str, int], on_mesh: Mapping[str, Mapping[Dev
     """Simulated annealing over one option index per searched MFC. A proposal changes one MFC's option, or
     (one time in three) moves every MFC onto one mesh at once, so that co-located plans are reached without
     passing through the costly half-moved ones; a worse plan is accepted with probability
-    exp(-increase / temperature), the temperature falling geometrically."""
+    exp(-increase / temperature), the temperature falling geometrically with the progress: the share of
+    the iterations or of the time budget spent, whichever is ahead (a search the budget stops still
+    cools down to a descent, where one paced by its iterations alone stayed near its first heat)."""
     rng = random.Random(seed)
     state, current = dict(start), cost_of(start)
     best, best_cost = dict(state), current
     scale = current if current < INFEASIBLE_S else 1.0  # until a plan that fits sets the scale of step times
-    deadline = time.perf_counter() + budget_s
+    began = time.perf_counter()
     movable = [n for n, size in sizes.items() if size > 1]
     for i in range(iterations):
-        if not movable or time.perf_counter() > deadline:
+        spent = (time.perf_counter() - began) / budget_s if budget_s > 0 else 1.0
+        if not movable or spent > 1.0:
             break
-        temperature = scale * 0.05 * (1e-3 ** (i / iterations))
+        temperature = scale * 0.05 * (1e-3 ** max(i / iterations, spent))
         name = rng.choice(movable)
         proposal = dict(state, **{name: rng.randrange(sizes[name])})
         if rng.random() < 1 / 3:
