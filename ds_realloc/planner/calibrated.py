@@ -3,7 +3,7 @@ machine, in place of the roofline.
 
 The profile runs our own code paths (generation and scoring on the inference layouts, DeepSpeed
 engines' forward / backward / optimizer step by ZeRO stage) on copies of the model with 1 and 4
-transformer layers and two batch sizes, on every rank at once (as the runner's calls share the
+transformer layers and a few batch sizes, on every rank at once (as the runner's calls share the
 host), each timing the median of its repeats, and keeps per operation a fixed part and a per-layer
 part, each piecewise linear in the batch size `n` (rows for a decode step, tokens otherwise) through
 the sizes it measured:

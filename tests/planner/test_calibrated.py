@@ -1,4 +1,4 @@
-"""Measured call times: the four-number fits, their JSON, and the cost terms that use them."""
+"""Measured call times: the piecewise-linear fits, their JSON, and the cost terms that use them."""
 
 import dataclasses
 
