@@ -122,8 +122,8 @@ def _anneal(cost_of, sizes: Mapping[str, int], on_mesh: Mapping[str, Mapping[Dev
     began = time.perf_counter()
     movable = [n for n, size in sizes.items() if size > 1]
     for i in range(iterations):
-        spent = (time.perf_counter() - began) / budget_s if budget_s > 0 else 1.0
-        if not movable or spent > 1.0:
+        spent = (time.perf_counter() - began) / budget_s if budget_s > 0 else math.inf
+        if not movable or spent >= 1.0:
             break
         temperature = scale * 0.05 * (1e-3 ** max(i / iterations, spent))
         name = rng.choice(movable)

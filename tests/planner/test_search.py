@@ -1,6 +1,7 @@
 """The search: legal plans only, memory as a hard limit, and annealing finds the brute-force optimum."""
 
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -91,3 +92,27 @@ def test_a_model_that_fits_nowhere_says_how_many_devices_it_needs():
     roomy = dataclasses.replace(PROFILE, memory_bytes=2 * 10**9)
     assert NAMED["hidden_size"] == 1024 and Evaluator(MFCS, roles, work, roomy, 4).objective(default) < INFEASIBLE_S
     assert DeviceMesh((0,)).size == 1
+
+
+def _bowl(state):
+    """A one-dimensional cost with its minimum at option 37 of 100."""
+    return float(abs(state["x"] - 37))
+
+
+def test_annealing_keeps_to_its_time_budget(monkeypatch):
+    calls = []
+
+    def counted(state):
+        calls.append(dict(state))
+        return _bowl(state)
+
+    args = ({"x": 100}, {"x": {DeviceMesh((0,)): list(range(100))}}, {"x": [DeviceMesh((0,))]}, {"x": 0}, 0)
+    # no time left: the start, evaluated once, nothing proposed
+    assert search_module._anneal(counted, *args, budget_s=0.0, iterations=10_000) == {"x": 0} and len(calls) == 1
+    # a clock that advances 0.5 s a proposal: a 100 s budget stops a 1,000,000-iteration schedule after
+    # about 200, with the best plan found
+    clock = itertools.count(0.0, 0.5)
+    monkeypatch.setattr(search_module.time, "perf_counter", lambda: next(clock))
+    calls.clear()
+    assert search_module._anneal(counted, *args, budget_s=100.0, iterations=1_000_000) == {"x": 37}
+    assert 190 <= len(calls) <= 202
