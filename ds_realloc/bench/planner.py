@@ -11,7 +11,8 @@ model's calls timed; measured once and cached, never from these runs). Reported:
 - `median_mfc_error`: the median of |predicted - measured| / measured over every call that runs a
   model, in every allocation;
 - `memory_error`: the median over ranks and allocations of the same relative error for the peak
-  memory above the level right after start-up (`memory_max_error`: the largest);
+  memory above the level right after start-up (`memory_max_error`: the largest), on the ranks that
+  run a model (a rank an allocation leaves idle holds a few MiB: its relative error means nothing);
 - `chosen_over_best`: per command, the measured step time of the planner's choice over the best
   measured one; `auto_over_default`: samples/s of `allocation=auto` over the default allocation.
 """
@@ -48,6 +49,8 @@ ALLOCATIONS = (
     ("grpo", "train_rank0_zero2", ("allocations.actor_train.mesh=0", "allocations.actor_train.zero_stage=2")),
     ("grpo", "gen_rank1_micro2", ("allocations.actor_gen.mesh=1", "allocations.ref_inf.mesh=1",
                                   "allocations.actor_train.micro_batch_size=2")),
+    ("grpo", "rank1_alone_micro1", ("allocations.actor_gen.mesh=1", "allocations.ref_inf.mesh=1",
+                                    "allocations.actor_train.mesh=1", "allocations.actor_train.micro_batch_size=1")),
 )
 
 
@@ -163,14 +166,25 @@ def _relative(predicted_value: float, measured_value: float) -> float:
     return abs(predicted_value - measured_value) / max(measured_value, 1e-9)
 
 
+def model_ranks(allocations: dict[str, str], model_mfcs: set[str]) -> set[int]:
+    """The ranks some call that runs a model is placed on, from a run's summary (`zero3:d1@[1]`)."""
+    from ds_realloc.layout.mesh import parse_mesh
+
+    return {rank for name, text in allocations.items() if name in model_mfcs
+            for rank in parse_mesh(text.rsplit("@", 1)[1].strip("[]")).ranks}
+
+
 def summarise(rows: list[dict], model_mfcs: dict[str, set[str]]) -> dict:
     mfc_errors, memory_errors = [], []
     for r in rows:
         for name, seconds in r["measured"]["mfc_s"].items():
             if name in model_mfcs[r["command"]] and name in r["predicted"]["mfc_s"]:
                 mfc_errors.append(_relative(r["predicted"]["mfc_s"][name], seconds))
-        for p, m in zip(r["predicted"]["memory_above_start_bytes"], r["measured"]["memory_above_start_bytes"]):
-            memory_errors.append(_relative(p, m))
+        busy = model_ranks(r["measured"]["allocations"], model_mfcs[r["command"]])
+        for rank, (p, m) in enumerate(zip(r["predicted"]["memory_above_start_bytes"],
+                                          r["measured"]["memory_above_start_bytes"])):
+            if rank in busy:  # an idle rank holds next to nothing: its relative error would be noise over zero
+                memory_errors.append(_relative(p, m))
     chosen = {}
     for command in sorted({r["command"] for r in rows}):
         mine = [r for r in rows if r["command"] == command]

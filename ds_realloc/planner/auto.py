@@ -34,8 +34,9 @@ AUTO = "auto"
 _NOT_PLAN_INPUTS = ("output", "launch", "allocation")  # config groups that change no allocation
 
 
-# 2: piecewise-linear fits; 3: engines data-parallel over all ranks timed too; another format is re-measured
-PROFILE_FORMAT = 3
+# 2: piecewise-linear fits; 3: engines data-parallel over all ranks timed too; 4: a step's boundary work apart
+# from its micro-batches, ZeRO-1 timed; another format is re-measured
+PROFILE_FORMAT = 4
 
 
 def machine_profile_path(world: int) -> Path:

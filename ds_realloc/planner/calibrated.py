@@ -16,11 +16,12 @@ per-layer constant under every small micro-batch). An operation under the LM hea
 head runs the same layers, so the two share one per-layer part, fitted by least squares over both
 (`shared_layer_fits`).
 Operation keys: `decode_t<tp>` / `prefill_t<tp>` (generation), `score_<head>_t<tp>` (an inference
-forward, head `lm` = log-probs or `value`), `train_<head>_z<stage>` (one micro-batch's forward and
-backward), `optimizer_<head>_z<stage>` (one optimizer step at dp=1), `engine_score_<head>_z<stage>`
+forward, head `lm` = log-probs or `value`), `train_<head>_z<stage>` (an accumulating micro-batch's
+forward and backward), `optimizer_<head>_z<stage>` (what a step's last micro-batch adds once per step: the
+boundary's gradient reduction and the optimizer step), `engine_score_<head>_z<stage>`
 (an engine's no-grad forward: the recompute of old log-probs / values), each also of an engine
 data-parallel over all the profile's ranks with the suffix `_d<ranks>` (its ZeRO collectives timed
-with it), and `memory_<head>_z<stage>` in bytes (what a steady training micro-batch holds above the
+with it), and `memory_<head>_z<stage>` in bytes (what a steady training step of two micro-batches holds above the
 level before it).
 """
 
@@ -117,9 +118,8 @@ def table_for(profile: DeviceProfile, shape: ModelShape, dtype: str) -> ModelTab
 
 def stage_key(stage: int, fits: Mapping[str, Fit], head: str, kind: str, dp: int = 1) -> str | None:
     """The measured stage standing for `stage` on an engine data-parallel over `dp` ranks: itself, else
-    1 <-> 2 (on one rank they compute the same: optimizer states and gradients partitioned over a group
-    of one; data-parallel, the timed stage 2 reduces its gradients at every micro-batch, where stage 1
-    does at the optimizer step)."""
+    1 <-> 2 (the closest: they differ in when the gradients are reduced into the optimizer's partitions,
+    stage 2 at every micro-batch and stage 1 at the step's last; a profile times both by default)."""
     suffix = "" if dp == 1 else f"_d{dp}"
     for s in (stage, {1: 2, 2: 1}.get(stage)):
         if s is not None and f"{kind}_{head}_z{s}{suffix}" in fits:

@@ -20,7 +20,9 @@ is judged on calibrates it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import statistics
 import tempfile
@@ -30,6 +32,30 @@ from pathlib import Path
 import torch
 
 LAYERS = (1, 4)  # far apart: the per-layer part is extrapolated to the real depth
+# a new engine's first two optimizer steps are not timed: the first makes Adam's states, and the first
+# micro-batch after it is slow too (1.9 s against 1.0-1.2 s after, SmolLM2 at ZeRO-2 on this CPU); a
+# 4-layer copy on 2 ranks at ZeRO-3 took 1.1-1.7 s for its first micro-batches and 0.4-0.6 s after
+ENGINE_WARMUP_STEPS = 2
+
+
+@contextlib.contextmanager
+def _without_gc():
+    """Python's garbage collector run first and kept off inside (around a measurement's repeats), as
+    `timeit` times: a collection inside a timed call made one of three repeats of a 4-layer copy's micro-batch 3.5x the others (0.66 s
+    against 0.18 s) at the same repeat in every profile, and the 30-layer extrapolation multiplied it."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def after_warmup(fn, warmups: int, repeats: int) -> list:
+    """What the last `repeats` of `warmups + repeats` calls of `fn` return (the first ones run, untimed)."""
+    for _ in range(warmups):
+        fn()
+    return [fn() for _ in range(repeats)]
 
 
 def best_s(fn, repeats: int) -> float:
@@ -38,12 +64,13 @@ def best_s(fn, repeats: int) -> float:
 
 
 def times_s(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: first-call costs (allocator, plan building, thread pools)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    with _without_gc():
+        fn()  # warm-up: first-call costs (allocator, plan building, thread pools)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return times
 
 
@@ -149,12 +176,17 @@ def _inference_times(paths: dict[int, Path], world: int, cfg, dtype: str) -> dic
 
 def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
     """{operation: {(layers, tokens): seconds}} of DeepSpeed engines on a group of this rank alone, and
-    `memory_<head>_z<stage>`: {(layers, tokens): bytes} a steady micro-batch (forward, backward, optimizer
-    step) holds above the level before it (activations, logits, gathered layers, temporaries; what
-    persists after the first step, Adam's moments and the touched gradient bucket, is not in it). With
-    more than one rank, also the engines data-parallel over all ranks (`..._d<world>`, `tokens` per rank):
-    their ZeRO collectives (a layer's gather, the gradients' reduce-scatter, the updated weights' gather)
-    are timed with their compute, as the runs issue them, not priced one message per collective."""
+    `memory_<head>_z<stage>`: {(layers, tokens): bytes} a steady optimizer step of two micro-batches holds
+    above the level before it (activations, logits, gathered layers, temporaries; what persists after the
+    first step, Adam's moments and the touched gradient bucket, is not in it). Each timed step is an
+    accumulating micro-batch (`train_...`: forward, backward) and the boundary one; what the boundary one
+    takes beyond the other (the gradients' reduction into the optimizer's partitions, the optimizer step)
+    is `optimizer_...`, paid once per step: a run's step of many micro-batches pays it once, not at each
+    (on SmolLM2 on this CPU it is about 1 s a step at ZeRO-1 and 2, against 0.8-1.0 s for a one-row
+    micro-batch). With more than one rank, also the engines data-parallel over all ranks
+    (`..._d<world>`, `tokens` per rank): their ZeRO collectives (a layer's gather, the gradients'
+    reduce-scatter, the updated weights' gather) are timed with their compute, as the runs issue them,
+    not priced one message per collective."""
     import torch.distributed as dist
 
     from ds_realloc.algorithms.policy import critic_values, policy_logprobs
@@ -175,33 +207,38 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
         group = group_of((rank,) if dp == 1 else tuple(range(world)))
         engine = build_train_engine(path, head, ds_config, None, False, 0, group)
         forward = policy_logprobs if head == "lm" else critic_values
-        for rows in cfg.rows:
+        for first, rows in zip([True] + [False] * len(cfg.rows), cfg.rows):
             batch = _batch(rows, cfg.prompt_len, cfg.new_tokens, engine.module.config.vocab_size, rows)
             tokens = rows * (cfg.prompt_len + cfg.new_tokens)
-            phases = {}
 
-            def micro_step():
-                engine.set_gradient_accumulation_boundary(True)
-                level = reset_peak_memory()
+            def micro_batch(boundary: bool) -> float:
+                """Forward, backward and `engine.step()`, as `train_micro_batches` runs every micro-batch."""
+                engine.set_gradient_accumulation_boundary(boundary)
                 start = time.perf_counter()
                 out = forward(engine, batch)
-                loss = (out[0] if head == "lm" else out).float().mean()
-                engine.backward(loss)
-                middle = time.perf_counter()
+                engine.backward((out[0] if head == "lm" else out).float().mean())
                 engine.step()
-                phases["train"], phases["optimizer"] = middle - start, time.perf_counter() - middle
-                transient[0] = peak_memory() - level  # the last (steady) step's counts
+                return time.perf_counter() - start
 
-            runs: dict[str, list[float]] = {}
-            transient = [0]
-            for i in range(cfg.repeats + 1):  # the first is a warm-up
+            def optimizer_step() -> tuple[float, float]:
+                """An accumulating micro-batch, then the boundary one (its gradient reduction and the
+                optimizer step), as a run's step of several micro-batches ends."""
+                level = reset_peak_memory()
+                timed = micro_batch(False), micro_batch(True)
+                transient[0] = peak_memory() - level  # the last (steady) step's counts
+                return timed
+
+            def synchronised_step() -> tuple[float, float]:
                 dist.barrier()
-                micro_step()
-                for kind, seconds in phases.items():
-                    runs.setdefault(kind, []).extend([seconds] if i else [])
-            for kind, seconds in runs.items():
-                times.setdefault(f"{kind}_{head}_z{stage}{suffix}", {})[(layers, tokens)] = \
-                    statistics.median(seconds)
+                return optimizer_step()
+
+            transient = [0]
+            with _without_gc():
+                pairs = after_warmup(synchronised_step, ENGINE_WARMUP_STEPS if first else 1, cfg.repeats)
+            inside = statistics.median(p[0] for p in pairs)
+            times.setdefault(f"train_{head}_z{stage}{suffix}", {})[(layers, tokens)] = inside
+            times.setdefault(f"optimizer_{head}_z{stage}{suffix}", {})[(layers, tokens)] = \
+                statistics.median(p[1] for p in pairs) - inside
             if dp == 1:  # the memory model adds a data-parallel engine's partitions itself
                 times.setdefault(f"memory_{head}_z{stage}", {})[(layers, tokens)] = float(transient[0])
 

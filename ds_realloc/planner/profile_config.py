@@ -21,7 +21,8 @@ class ProfileConfig:
                                          "call's time is interpolated between them")
     prompt_len: int = option(64, "prompt tokens of the timed sequences")
     new_tokens: int = option(16, "generated tokens of the timed sequences (at least 3)")
-    stages: list[int] = option([2, 3], "ZeRO stages whose engines are timed (stage 1 computes as 2 on one rank)")
+    stages: list[int] = option([1, 2, 3], "ZeRO stages whose engines are timed (an untimed stage 1 or 2 takes the "
+                                          "other's times)")
 
     def validate(self) -> None:
         if self.ranks < 1:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ds_realloc.bench.planner import kendall_tau, pooled_tau, summarise
+from ds_realloc.bench.planner import kendall_tau, model_ranks, pooled_tau, summarise
 from ds_realloc.dataflow.catalog import find_experiment
 from ds_realloc.planner import auto
 from ds_realloc.planner.profile import BUILTIN
@@ -59,14 +59,18 @@ def test_kendall_tau_and_the_summary_of_a_bench():
     assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
 
     def row(command, name, predicted_s, measured_s, mfc=(1.0, 1.0), memory=(100, 100)):
+        # rank 1 runs only rl_targets (no model): 1 MiB measured against 0 predicted is left out
         return {"command": command, "name": name,
                 "predicted": {"step_s": predicted_s, "mfc_s": {"actor_gen": mfc[0], "rl_targets": 0.0},
-                              "memory_above_start_bytes": [memory[0]]},
+                              "memory_above_start_bytes": [memory[0], 0]},
                 "measured": {"step_s": measured_s, "samples_per_s": 16 / measured_s,
-                             "mfc_s": {"actor_gen": mfc[1], "rl_targets": 0.01}, "memory_above_start_bytes": [memory[1]]}}
+                             "mfc_s": {"actor_gen": mfc[1], "rl_targets": 0.01},
+                             "memory_above_start_bytes": [memory[1], 2 ** 20],
+                             "allocations": {"actor_gen": "d1t1@[0]", "rl_targets": "d2t1@[0-1]"}}}
 
     rows = [row("ppo", "default", 1.0, 10.0, (1.2, 1.0)), row("ppo", "auto", 0.5, 8.0, (0.9, 1.0), (130, 100)),
             row("ppo", "slow", 2.0, 20.0), row("grpo", "default", 1.0, 5.0), row("grpo", "auto", 2.0, 4.0)]
+    assert model_ranks(rows[0]["measured"]["allocations"], {"actor_gen"}) == {0}
     summary = summarise(rows, {"ppo": {"actor_gen"}, "grpo": {"actor_gen"}})
     assert pooled_tau(rows) == pytest.approx((1.0 * 3 + -1.0 * 1) / 4)  # pairs within a command only
     assert summary["median_mfc_error"] == pytest.approx(0.0)  # 0.2, 0.1, 0, 0, 0: rl_targets runs no model

@@ -8,7 +8,7 @@ from ds_realloc.models.presets import resolve_model_path
 from ds_realloc.planner.calibrated import ModelTable, signature
 from ds_realloc.planner.cost import ModelShape
 from ds_realloc.planner.profile_config import ProfileConfig
-from ds_realloc.planner.measure_calls import _synchronised_median_s, measure_model
+from ds_realloc.planner.measure_calls import _synchronised_median_s, after_warmup, measure_model
 from ds_realloc.utils.spawn import run_ranks
 
 
@@ -52,3 +52,9 @@ def test_a_call_counts_the_median_of_its_repeats_on_the_slowest_rank():
     results = run_ranks(_median_of_sleeps, 2, timeout=60)
     assert results[0] == results[1]
     assert 0.15 <= results[0] < 0.22
+
+
+def test_warm_up_calls_run_and_are_left_out():
+    calls = []
+    assert after_warmup(lambda: calls.append(len(calls)) or len(calls), warmups=2, repeats=3) == [3, 4, 5]
+    assert len(calls) == 5  # a new engine's first steps run (Adam's states, first-call costs), untimed
