@@ -21,8 +21,8 @@ forward and backward), `optimizer_<head>_z<stage>` (what a step's last micro-bat
 boundary's gradient reduction and the optimizer step), `engine_score_<head>_z<stage>`
 (an engine's no-grad forward: the recompute of old log-probs / values), each also of an engine
 data-parallel over all the profile's ranks with the suffix `_d<ranks>` (its ZeRO collectives timed
-with it), and `memory_<head>_z<stage>` in bytes (what a steady training step of two micro-batches holds above the
-level before it).
+with it), and `memory_<head>_z<stage>` in bytes (what a steady training step of two micro-batches holds
+above the level before it).
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ ENGINE_WARMUP_STEPS = 2
 @contextlib.contextmanager
 def _without_gc():
     """Python's garbage collector run first and kept off inside (around a measurement's repeats), as
-    `timeit` times: a collection inside a timed call made one of three repeats of a 4-layer copy's micro-batch 3.5x the others (0.66 s
-    against 0.18 s) at the same repeat in every profile, and the 30-layer extrapolation multiplied it."""
+    `timeit` times: a collection inside a timed call made one of three repeats of a 4-layer copy's
+    micro-batch 3.5x the others (0.66 s against 0.18 s) at the same repeat in every profile, and the
+    30-layer extrapolation multiplied it."""
     gc.collect()
     gc.disable()
     try:
@@ -64,14 +65,15 @@ def best_s(fn, repeats: int) -> float:
 
 
 def times_s(fn, repeats: int) -> list[float]:
-    times = []
+    """The times of `repeats` calls after one warm-up call (first-call costs: allocator, plan building,
+    thread pools)."""
+    def timed() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     with _without_gc():
-        fn()  # warm-up: first-call costs (allocator, plan building, thread pools)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times
+        return after_warmup(timed, 1, repeats)
 
 
 def _synchronised_median_s(fn, repeats: int) -> float:
@@ -207,7 +209,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
         group = group_of((rank,) if dp == 1 else tuple(range(world)))
         engine = build_train_engine(path, head, ds_config, None, False, 0, group)
         forward = policy_logprobs if head == "lm" else critic_values
-        for first, rows in zip([True] + [False] * len(cfg.rows), cfg.rows):
+        for i, rows in enumerate(cfg.rows):
             batch = _batch(rows, cfg.prompt_len, cfg.new_tokens, engine.module.config.vocab_size, rows)
             tokens = rows * (cfg.prompt_len + cfg.new_tokens)
 
@@ -234,7 +236,7 @@ def _engine_times(paths: dict[int, Path], cfg, dtype: str) -> dict[str, dict]:
 
             transient = [0]
             with _without_gc():
-                pairs = after_warmup(synchronised_step, ENGINE_WARMUP_STEPS if first else 1, cfg.repeats)
+                pairs = after_warmup(synchronised_step, ENGINE_WARMUP_STEPS if i == 0 else 1, cfg.repeats)
             inside = statistics.median(p[0] for p in pairs)
             times.setdefault(f"train_{head}_z{stage}{suffix}", {})[(layers, tokens)] = inside
             times.setdefault(f"optimizer_{head}_z{stage}{suffix}", {})[(layers, tokens)] = \
