@@ -8,10 +8,10 @@ memory bandwidth and caches they share are shared as in a run:
 - an inference forward over whole sequences (log-probs or values) on the same layouts;
 - DeepSpeed engines per ZeRO stage on a group of one rank each, and with more than one rank also
   data-parallel over all of them (their collectives timed with them; other data-parallel sizes add
-  the link model's collectives to the one-rank times): one micro-batch's forward and backward (the
-  policy's log-probs or the critic's values, as the training calls compute them), the optimizer
-  step, a no-grad forward; and on one rank the memory a steady training micro-batch holds above the
-  level before it.
+  the link model's collectives to the one-rank times), ZeRO 1, 2 and 3: an accumulating micro-batch's
+  forward and backward (the policy's log-probs or the critic's values, as the training calls compute
+  them), what the step's last micro-batch and the optimizer step add once per step, a no-grad
+  forward; and on one rank the memory a steady training step holds above the level before it.
 Each rank sets up its process as the runner does (on CPU, freed memory returned to the system at
 once, which makes every large tensor a fresh mapping: an HF forward of SmolLM2 on [8, 54] tokens
 takes 0.33 s so against 0.23 s without). Nothing here runs an experiment, so no run the planner
